@@ -60,6 +60,7 @@ class EvalConfig:
     max_batches: int = 0  # 0: the whole val set
     num_overlays: int = 8
     mask_threshold: float = 0.0  # on logits
+    at_start: bool = False  # also evaluate the untrained model (logged as val_untrained/*)
 
 
 @dataclass

@@ -1,0 +1,84 @@
+"""Distributed identity from torchrun's or Slurm's environment, and process-group setup.
+
+torchrun sets RANK/LOCAL_RANK/WORLD_SIZE; `srun` one-task-per-rank sets SLURM_PROCID/SLURM_LOCALID/
+SLURM_NTASKS. CPU runs use gloo with DeepSpeed's CPU accelerator, GPU runs NCCL.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as torch_dist
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int
+    local_rank: int
+    world_size: int
+    backend: str  # "gloo" | "nccl"
+    source: str  # "torchrun" | "slurm" | "single"
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def device(self) -> torch.device:
+        return torch.device("cuda", self.local_rank) if self.backend == "nccl" else torch.device("cpu")
+
+
+def identity(env: dict | None = None) -> DistInfo:
+    """Who am I? torchrun's variables win over Slurm's (torchrun under srun sets both)."""
+    env = os.environ if env is None else env
+    backend = "nccl" if torch.cuda.is_available() and env.get("DS_ACCELERATOR", "cuda") != "cpu" else "gloo"
+    if "RANK" in env and "WORLD_SIZE" in env:
+        return DistInfo(int(env["RANK"]), int(env.get("LOCAL_RANK", 0)), int(env["WORLD_SIZE"]), backend, "torchrun")
+    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env and int(env["SLURM_NTASKS"]) > 1:
+        return DistInfo(
+            int(env["SLURM_PROCID"]), int(env.get("SLURM_LOCALID", 0)), int(env["SLURM_NTASKS"]), backend, "slurm"
+        )
+    return DistInfo(0, 0, 1, backend, "single")
+
+
+def init(info: DistInfo) -> None:
+    """Export the torchrun variables DeepSpeed reads, pick the accelerator, and join the group.
+
+    A single process still gets a (world size 1) group: DeepSpeed's engine expects one.
+    """
+    if info.backend == "gloo":
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    os.environ.update(RANK=str(info.rank), LOCAL_RANK=str(info.local_rank), WORLD_SIZE=str(info.world_size))
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    if "MASTER_PORT" not in os.environ:
+        if info.world_size > 1:
+            raise RuntimeError("MASTER_PORT is not set: launch with torchrun or export MASTER_ADDR/MASTER_PORT")
+        os.environ["MASTER_PORT"] = str(free_port())
+    if info.backend == "nccl":
+        torch.cuda.set_device(info.local_rank)
+    if not torch_dist.is_initialized():
+        import deepspeed  # imported late: it reads DS_ACCELERATOR at import time
+
+        deepspeed.init_distributed(dist_backend=info.backend, auto_mpi_discovery=False)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def all_agree(flag: bool, device: torch.device) -> bool:
+    """True on every rank if any rank raised the flag (preemption, time budget)."""
+    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    if torch_dist.is_initialized():
+        torch_dist.all_reduce(t, op=torch_dist.ReduceOp.MAX)
+    return bool(t.item() > 0)
+
+
+def barrier() -> None:
+    if torch_dist.is_initialized():
+        torch_dist.barrier()

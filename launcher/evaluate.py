@@ -1,0 +1,220 @@
+"""Evaluation on held-out shards: generate, decode masks, score, draw overlays.
+
+Scores follow the referring-segmentation convention of LISA/gRefCOCO (shared/EVAL.md): per sample the
+union of predicted masks against the union of ground-truth masks; cIoU = sum(I) / sum(U) over the
+set, gIoU = mean per-sample IoU, and a sample with no target scores 1 when nothing is predicted and 0
+otherwise (N-acc is the share of those). Every rank scores its shard of the set; sums are reduced.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageDraw
+
+from launcher import dist
+from launcher.config import RunConfig
+from launcher.tracking import Tracker
+
+SAM_MEAN = torch.tensor([123.675, 116.28, 103.53]).view(3, 1, 1)
+SAM_STD = torch.tensor([58.395, 57.12, 57.375]).view(3, 1, 1)
+FIELDS = ("inter", "union", "iou_sum", "n", "empty_n", "empty_correct")
+
+
+def score(pred: torch.Tensor, gt: torch.Tensor) -> tuple[float, float, float]:
+    """(intersection, union, IoU) of two boolean masks; an empty target and empty prediction is IoU 1."""
+    inter = float((pred & gt).sum())
+    union = float((pred | gt).sum())
+    if not gt.any():
+        return inter, union, 1.0 if not pred.any() else 0.0
+    return inter, union, inter / union
+
+
+class Tally:
+    """Per-task sums from which cIoU, gIoU and N-acc follow."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, dict[str, float]] = defaultdict(lambda: dict.fromkeys(FIELDS, 0.0))
+
+    def add(self, task: str, pred: torch.Tensor, gt: torch.Tensor) -> None:
+        inter, union, iou = score(pred, gt)
+        for key in (task, "all"):
+            s = self.sums[key]
+            s["inter"] += inter
+            s["union"] += union
+            s["iou_sum"] += iou
+            s["n"] += 1
+            if not gt.any():
+                s["empty_n"] += 1
+                s["empty_correct"] += float(not pred.any())
+
+    def reduce(self, tasks: list[str], device: torch.device) -> None:
+        """Sum over ranks; `tasks` must be the same list on every rank."""
+        if not torch.distributed.is_initialized():
+            return
+        vec = torch.tensor([self.sums[t][f] for t in tasks for f in FIELDS], dtype=torch.float64, device=device)
+        torch.distributed.all_reduce(vec)
+        values = vec.cpu().tolist()
+        for i, t in enumerate(tasks):
+            self.sums[t] = dict(zip(FIELDS, values[i * len(FIELDS) : (i + 1) * len(FIELDS)]))
+
+    def metrics(self, prefix: str) -> dict[str, float]:
+        out = {}
+        for task, s in sorted(self.sums.items()):
+            if s["n"] == 0:
+                continue
+            out[f"{prefix}/{task}/cIoU"] = s["inter"] / s["union"] if s["union"] else 1.0
+            out[f"{prefix}/{task}/gIoU"] = s["iou_sum"] / s["n"]
+            out[f"{prefix}/{task}/n"] = s["n"]
+            if s["empty_n"]:
+                out[f"{prefix}/{task}/N-acc"] = s["empty_correct"] / s["empty_n"]
+        return out
+
+
+def valid_region(mask: torch.Tensor, size: torch.Tensor) -> torch.Tensor:
+    """Zero everything outside the resized image (the padding of the SAM frame)."""
+    h, w = int(size[0]), int(size[1])
+    out = torch.zeros_like(mask)
+    out[..., :h, :w] = mask[..., :h, :w]
+    return out
+
+
+def objects_union(extra: dict, size: torch.Tensor, frame: int) -> torch.Tensor:
+    """Union of every object in the image (the text-blind baseline), placed in the padded SAM frame."""
+    from pycocotools import mask as mask_utils
+
+    h, w = int(size[0]), int(size[1])
+    union = torch.zeros(frame, frame, dtype=torch.bool)
+    for obj in extra.get("objects", []):
+        m = torch.from_numpy(mask_utils.decode(obj["rle"])).float()[None, None]
+        m = F.interpolate(m, size=(h, w), mode="nearest")[0, 0] > 0.5
+        union[:h, :w] |= m
+    return union
+
+
+class Evaluator:
+    def __init__(self, cfg: RunConfig, tokenizer, info: dist.DistInfo, run_dir: Path, tracker: Tracker, num_image_tokens: int):
+        self.cfg, self.tokenizer, self.info = cfg, tokenizer, info
+        self.run_dir, self.tracker = run_dir, tracker
+        self.num_image_tokens = num_image_tokens
+        self.frame = cfg.model.pixel_encoder.image_size
+
+    def _batches(self):
+        from datapipes.loader import build_eval_loader
+
+        loader = build_eval_loader(
+            self.cfg.data,
+            self.tokenizer,
+            num_image_tokens=self.num_image_tokens,
+            clip_size=self.cfg.model.vision.image_size,
+            sam_size=self.frame,
+            rank=self.info.rank,
+            world_size=self.info.world_size,
+        )
+        for i, batch in enumerate(loader):
+            if self.cfg.eval.max_batches and i >= self.cfg.eval.max_batches:
+                return
+            yield batch
+
+    @torch.no_grad()
+    def run(self, model: torch.nn.Module, step: int, prefix: str = "val") -> dict[str, float]:
+        """Generate for every held-out prompt, decode its [SEG] masks, score against the targets."""
+        model.eval()
+        synced = self.info.world_size > 1 and self.cfg.train.zero_stage == 3
+
+        def predict(batch):
+            preds = model.predict(
+                batch.prompt_ids,
+                batch.clip_pixels.to(self.info.device),
+                batch.sam_pixels.to(self.info.device),
+                max_new_tokens=self.cfg.eval.max_new_tokens,
+                synced_gpus=synced,
+            )
+            return [p.masks.cpu() for p in preds], [p.text for p in preds]
+
+        metrics = self._score(predict, step, prefix)
+        model.train()
+        return metrics
+
+    def run_baseline(self, step: int, prefix: str = "val_textblind") -> dict[str, float]:
+        """Predict the union of all objects of the image, whatever the question asks."""
+
+        def predict(batch):
+            masks = [objects_union(e, s, self.frame)[None] for e, s in zip(batch.extras, batch.image_sizes)]
+            return masks, ["(text-blind: union of all objects)"] * len(masks)
+
+        return self._score(predict, step, prefix)
+
+    def _score(self, predict: Callable, step: int, prefix: str) -> dict[str, float]:
+        tally = Tally()
+        overlays: list[tuple] = []
+        for batch in self._batches():
+            masks, texts = predict(batch)
+            for i in range(len(masks)):
+                if batch.is_padding[i]:
+                    continue
+                size = batch.image_sizes[i]
+                pred = valid_region(masks[i].bool().any(0) if len(masks[i]) else torch.zeros(self.frame, self.frame, dtype=torch.bool), size)
+                gt_i = batch.gt_masks[i]
+                gt = valid_region(gt_i.bool().any(0) if len(gt_i) else torch.zeros_like(pred), size)
+                tally.add(batch.tasks[i], pred, gt)
+                if self.info.is_main and len(overlays) < self.cfg.eval.num_overlays:
+                    overlays.append((batch.sam_pixels[i], size, gt, pred, batch.keys[i], texts[i], batch.tasks[i]))
+        tasks = sorted(self._all_tasks(tally))
+        tally.reduce(tasks, self.info.device)
+        metrics = tally.metrics(prefix)
+        self.tracker.log_metrics(metrics, step)
+        if self.info.is_main:
+            out = self.run_dir / f"eval_{prefix}_step{step:08d}.json"
+            out.write_text(json.dumps(metrics, indent=2, sort_keys=True))
+            self.tracker.log_artifact(out, "eval")
+            if self.cfg.tracking.log_overlays and overlays:
+                folder = self.run_dir / "overlays" / f"{prefix}_step{step:08d}"
+                for j, ov in enumerate(overlays):
+                    path = folder / f"{j:02d}_{ov[6]}.png"
+                    draw_overlay(*ov[:4], caption=f"{ov[4]} [{ov[6]}]: {ov[5]}").save(_mkparent(path))
+                    self.tracker.log_artifact(path, f"overlays/{prefix}_step{step:08d}")
+            summary = " ".join(f"{k.split('/', 1)[1]}={v:.3f}" for k, v in metrics.items() if k.endswith("IoU") or k.endswith("acc"))
+            print(f"[segcap] eval {prefix} step {step}: {summary}", flush=True)
+        return metrics
+
+    def _all_tasks(self, tally: Tally) -> set[str]:
+        """The union of task names seen on any rank (ranks must reduce the same vector)."""
+        local = sorted(tally.sums)
+        if not torch.distributed.is_initialized():
+            return set(local)
+        gathered: list = [None] * self.info.world_size
+        torch.distributed.all_gather_object(gathered, local)
+        return {t for names in gathered for t in names} | {"all"}
+
+
+def _mkparent(path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def draw_overlay(sam_pixels: torch.Tensor, size: torch.Tensor, gt: torch.Tensor, pred: torch.Tensor, caption: str, scale: int = 4) -> Image.Image:
+    """The image with the prediction filled in red and the target outlined in green, plus the text."""
+    h, w = int(size[0]), int(size[1])
+    img = (sam_pixels.cpu() * SAM_STD + SAM_MEAN).clamp(0, 255)[:, :h, :w].permute(1, 2, 0).numpy().astype(np.float32)
+    p = pred[:h, :w].numpy()
+    img[p] = 0.45 * img[p] + 0.55 * np.array([255, 0, 0], dtype=np.float32)
+    g = gt[:h, :w].numpy()
+    edge = g & ~(np.roll(g, 1, 0) & np.roll(g, -1, 0) & np.roll(g, 1, 1) & np.roll(g, -1, 1))
+    img[edge] = [0, 255, 0]
+    pic = Image.fromarray(img.astype(np.uint8)).resize((w * scale, h * scale), Image.NEAREST)
+    canvas = Image.new("RGB", (max(w * scale, 320), h * scale + 40), "white")
+    canvas.paste(pic, (0, 0))
+    ImageDraw.Draw(canvas).text((2, h * scale + 2), _wrap(caption, 60), fill="black")
+    return canvas
+
+
+def _wrap(text: str, width: int) -> str:
+    text = text or ""
+    return "\n".join(text[i : i + width] for i in range(0, min(len(text), 2 * width), width))

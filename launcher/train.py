@@ -1,0 +1,221 @@
+"""The training loop: one readable function from config to checkpoints.
+
+Per step: take `grad_accum` batches from the stream, forward/backward through the DeepSpeed engine,
+step; log (rank 0), evaluate, checkpoint. SIGUSR1/SIGTERM or the wall-clock budget make every rank
+save a complete checkpoint and exit with EXIT_REQUEUE; rerunning with the same output_dir resumes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from pathlib import Path
+
+import psutil
+import torch
+import yaml
+
+from launcher import checkpoint, dist
+from launcher.config import RunConfig, flatten, to_dict
+from launcher.engine import build_engine, render_ds_config
+from launcher.tracking import Tracker, run_tags
+
+EXIT_OK = 0
+EXIT_REQUEUE = 3  # "checkpoint saved, run me again": slurm/*.sh requeues the job on this code
+
+
+class StopRequest:
+    """Remembers SIGUSR1/SIGTERM; the loop acts on it at the next step boundary, on all ranks at once."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        for sig in (signal.SIGUSR1, signal.SIGTERM):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        self.signum = signum
+
+
+def train(cfg: RunConfig) -> int:
+    from datapipes.loader import build_train_loader
+    from launcher.evaluate import Evaluator
+    from launcher.tokenizer import make_tokenizer
+    from modeling import build_model
+
+    t_start = time.time()
+    info = dist.identity()
+    dist.init(info)
+    stop = StopRequest()
+    run_dir = Path(cfg.train.output_dir)
+    ckpt_dir = run_dir / "checkpoints"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(cfg.train.seed + info.rank)
+
+    # --- model and engine. HfDeepSpeedConfig must be alive while the model is built: transformers
+    # then creates the LLM under deepspeed.zero.Init, so a 13B model is partitioned as it loads.
+    ds_config = render_ds_config(cfg, info)
+    dschf = None
+    if cfg.train.zero_stage == 3:
+        from transformers.integrations import HfDeepSpeedConfig
+
+        dschf = HfDeepSpeedConfig(ds_config)  # noqa: F841 (kept alive on purpose)
+    tokenizer = make_tokenizer(cfg.model.llm)
+    model = build_model(cfg.model, tokenizer, dschf=dschf)
+    engine = build_engine(model, model.trainable_parameters(), cfg, ds_config)
+
+    # --- resume
+    start_step, run_id = 0, None
+    resume_from = checkpoint.latest_complete(ckpt_dir) if cfg.train.resume else None
+    if resume_from is not None:
+        state = checkpoint.load(engine, resume_from, info)
+        start_step, run_id = state["step"], state.get("mlflow_run_id")
+        log0(info, f"resumed from {resume_from} at step {start_step}")
+    tracker = Tracker(cfg.tracking, run_dir, active=info.is_main)
+    run_id = tracker.start(run_id or _env_run_id(), flatten(to_dict(cfg)), run_tags(info.world_size))
+    if info.is_main:
+        _write_run_files(cfg, ds_config, run_dir, tracker, fresh=resume_from is None)
+
+    evaluator = Evaluator(cfg, tokenizer, info, run_dir, tracker, num_image_tokens=model.num_image_tokens)
+    if cfg.eval.at_start and start_step == 0:
+        evaluator.run(engine.module, step=0, prefix="val_untrained")
+    stream = iter(
+        build_train_loader(
+            cfg.data,
+            tokenizer,
+            num_image_tokens=model.num_image_tokens,
+            clip_size=cfg.model.vision.image_size,
+            sam_size=cfg.model.pixel_encoder.image_size,
+            rank=info.rank,
+            world_size=info.world_size,
+            seed=cfg.train.seed,
+            start_step=start_step * cfg.train.grad_accum,
+        )
+    )
+
+    # --- loop
+    meter = _Meter()
+    step = start_step
+    engine.train()
+    while step < cfg.train.steps:
+        t0 = time.time()
+        for _ in range(cfg.train.grad_accum):
+            batch = next(stream)
+            out = engine(**batch.to(info.device).model_inputs())
+            engine.backward(out.loss)
+            engine.step()
+            meter.add(out, batch)
+        step += 1
+        meter.time += time.time() - t0
+
+        if step % cfg.train.log_every == 0 or step == cfg.train.steps:
+            metrics = meter.reduce(info, engine)
+            metrics["lr"] = engine.get_lr()[0]
+            tracker.log_metrics(metrics, step)
+            if info.is_main:
+                _append_jsonl(run_dir / "metrics.jsonl", {"step": step, **metrics})
+                print(_progress(step, cfg.train.steps, metrics, t_start), flush=True)
+            meter = _Meter()
+        if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < cfg.train.steps:
+            evaluator.run(engine.module, step=step)
+            engine.train()
+
+        over_budget = cfg.train.time_budget_s > 0 and time.time() - t_start > cfg.train.time_budget_s
+        preempt = dist.all_agree(stop.signum is not None or over_budget, info.device)
+        if preempt or step % cfg.train.save_every == 0 or step == cfg.train.steps:
+            checkpoint.save(
+                engine, ckpt_dir, step, {"step": step, "mlflow_run_id": run_id}, info, cfg.train.keep_checkpoints
+            )
+        if preempt and step < cfg.train.steps:
+            why = f"signal {stop.signum}" if stop.signum is not None else "time budget"
+            log0(info, f"stopping at step {step} ({why}); checkpoint saved, exit {EXIT_REQUEUE} to requeue")
+            tracker.finish("KILLED")
+            return EXIT_REQUEUE
+
+    evaluator.run(engine.module, step=step)
+    tracker.finish("FINISHED")
+    dist.barrier()
+    return EXIT_OK
+
+
+class _Meter:
+    """Sums the loss terms and counts of the micro-steps since the last log."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, float] = {}
+        self.n = 0
+        self.samples = 0
+        self.tokens = 0
+        self.skipped = 0
+        self.time = 0.0
+
+    def add(self, out, batch) -> None:
+        self.n += 1
+        for k, v in {"loss": out.loss.detach(), **out.terms}.items():
+            self.sums[k] = self.sums.get(k, 0.0) + float(v)
+        self.samples += int(batch.input_ids.shape[0])
+        self.tokens += int(batch.attention_mask.sum())
+        self.skipped += sum(batch.skipped.values()) if batch.skipped else 0
+
+    def reduce(self, info: dist.DistInfo, engine) -> dict[str, float]:
+        """Mean of each term over ranks and micro-steps; throughput summed over ranks."""
+        keys = sorted(self.sums)
+        vec = torch.tensor([self.sums[k] / self.n for k in keys] + [self.samples, self.tokens, self.skipped])
+        mem = torch.tensor([_memory_bytes(info)], dtype=torch.float64)
+        if torch.distributed.is_initialized():
+            vec, mem = vec.to(info.device), mem.to(info.device)
+            torch.distributed.all_reduce(vec)
+            torch.distributed.all_reduce(mem, op=torch.distributed.ReduceOp.MAX)
+        vec = vec.cpu().tolist()
+        out = {f"train/{k}": vec[i] / info.world_size for i, k in enumerate(keys)}
+        samples, tokens, skipped = vec[len(keys) :]
+        out["train/loss"] = out.pop("train/loss")
+        out["perf/samples_per_s"] = samples / max(self.time, 1e-9)
+        out["perf/tokens_per_s"] = tokens / max(self.time, 1e-9)
+        out["perf/step_time_s"] = self.time / max(1, self.n)
+        out["perf/memory_gb"] = float(mem.item()) / 2**30
+        out["data/skipped"] = skipped
+        grad_norm = engine.get_global_grad_norm()
+        if grad_norm is not None:
+            out["train/grad_norm"] = float(grad_norm)
+        return out
+
+
+def _memory_bytes(info: dist.DistInfo) -> float:
+    if info.backend == "nccl":
+        return float(torch.cuda.max_memory_allocated())
+    return float(psutil.Process().memory_info().rss)
+
+
+def _progress(step: int, total: int, m: dict[str, float], t_start: float) -> str:
+    elapsed = time.time() - t_start
+    terms = " ".join(f"{k.split('/')[1]} {v:.4f}" for k, v in m.items() if k.startswith("train/") and k != "train/loss")
+    return (
+        f"step {step}/{total}  loss {m['train/loss']:.4f}  ({terms})  lr {m['lr']:.2e}  "
+        f"{m['perf/samples_per_s']:.1f} samples/s  {elapsed:.0f}s"
+    )
+
+
+def _append_jsonl(path: Path, row: dict) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+def _write_run_files(cfg: RunConfig, ds_config: dict, run_dir: Path, tracker: Tracker, fresh: bool) -> None:
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    (run_dir / "deepspeed.json").write_text(json.dumps(ds_config, indent=2))
+    if tracker.run_id:
+        (run_dir / "mlflow_run_id").write_text(tracker.run_id)
+    if fresh:
+        tracker.log_artifact(run_dir / "config.yaml", "config")
+        tracker.log_artifact(run_dir / "deepspeed.json", "config")
+
+
+def _env_run_id() -> str | None:
+    return os.environ.get("MLFLOW_RUN_ID") or None
+
+
+def log0(info: dist.DistInfo, msg: str) -> None:
+    if info.is_main:
+        print(f"[segcap] {msg}", flush=True)
