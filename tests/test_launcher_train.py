@@ -1,0 +1,149 @@
+"""End to end through the launcher: real torchrun, 2 ranks, gloo, DeepSpeed ZeRO-3, MLflow on SQLite.
+
+One uninterrupted run and one run stopped after its first step (wall-clock budget -> checkpoint ->
+exit 3) then restarted must log the same losses step for step.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from launcher.dist import free_port
+
+REPO = Path(__file__).resolve().parent.parent
+STEPS = 5
+pytestmark = [pytest.mark.dist, pytest.mark.slow]
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    from datapipes.config import SyntheticConfig
+    from datapipes.synthetic import write_synthetic
+
+    out = tmp_path_factory.mktemp("synthetic")
+    write_synthetic(SyntheticConfig(out_dir=str(out), num_train=160, num_val=12, samples_per_shard=40))
+    return out
+
+
+def overrides(shards: Path, run_dir: Path, *extra: str) -> list[str]:
+    return [
+        f"data.train=[{{name: synthetic, path: {shards}/train}}]",
+        f"data.val=[{{name: synthetic_val, path: {shards}/val}}]",
+        "data.batch_size=4",
+        "data.eval_batch_size=4",
+        f"train.output_dir={run_dir}",
+        f"train.steps={STEPS}",
+        "train.save_every=100",
+        f"tracking.tracking_uri=sqlite:///{run_dir.parent}/mlflow.db",
+        *extra,
+    ]
+
+
+def torchrun(args: list[str], timeout: float = 240, nproc: int = 2) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+           f"--master_port={free_port()}", "-m", "launcher", "train", "--config", "configs/train/tiny.yaml", *args]
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "TRITON_INTERPRET": "1"}
+    env.pop("MLFLOW_RUN_ID", None)
+    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["train/loss"] for r in rows}
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(shards, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("runs") / "full"
+    res = torchrun(overrides(shards, run_dir))
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    return run_dir
+
+
+def test_resumed_run_reproduces_uninterrupted_losses(shards, uninterrupted, tmp_path):
+    run_dir = tmp_path / "resumed"
+    first = torchrun(overrides(shards, run_dir, "train.time_budget_s=0.001"))
+    assert first.returncode == 3, first.stdout[-3000:] + first.stderr[-3000:]
+    assert sorted(losses(run_dir)) == [1]
+    assert (run_dir / "checkpoints" / "step_00000001" / "COMPLETE").is_file()
+
+    second = torchrun(overrides(shards, run_dir))
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    assert "resumed from" in second.stdout
+    got, want = losses(run_dir), losses(uninterrupted)
+    assert sorted(got) == list(range(1, STEPS + 1))  # no step lost or repeated
+    for step in want:
+        assert got[step] == pytest.approx(want[step], rel=1e-5, abs=1e-6), step
+
+
+def test_checkpoint_excludes_frozen_weights(uninterrupted):
+    import torch
+
+    ckpt = uninterrupted / "checkpoints" / f"step_{STEPS:08d}"
+    files = sorted(p.name for p in ckpt.iterdir())
+    assert "COMPLETE" in files and "rng_rank00000.pt" in files and "rng_rank00001.pt" in files
+    states = [p for p in ckpt.glob("*model_states.pt")]
+    assert states, files
+    sd = torch.load(states[0], map_location="cpu", weights_only=False)
+    names = list(sd.get("module") or {}) + list(sd.get("param_shapes", [{}])[0] if sd.get("param_shapes") else [])
+    assert not any("pixel_encoder" in n or "vision_tower" in n for n in names), names[:20]
+
+
+def test_mlflow_run_holds_params_and_metrics_at_steps(uninterrupted):
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{uninterrupted.parent}/mlflow.db")
+    run_id = (uninterrupted / "mlflow_run_id").read_text().strip()
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.params["train.steps"] == str(STEPS)
+    assert run.data.params["model.name"] == "tiny"
+    assert run.data.tags["world_size"] == "2"
+    history = client.get_metric_history(run_id, "train/loss")
+    assert sorted(m.step for m in history) == list(range(1, STEPS + 1))
+    want = losses(uninterrupted)
+    for m in history:
+        assert m.value == pytest.approx(want[m.step], rel=1e-6)
+    for key in ("train/ce", "train/bce", "train/dice", "lr", "perf/samples_per_s"):
+        assert [m.step for m in client.get_metric_history(run_id, key)][-1] == STEPS, key
+    final = client.get_metric_history(run_id, "val/all/gIoU")
+    assert [m.step for m in final] == [STEPS] and 0.0 <= final[0].value <= 1.0
+    artifacts = {a.path for a in client.list_artifacts(run_id)}
+    assert {"config", "eval"} <= artifacts
+
+
+def test_sigusr1_saves_and_exits_for_requeue(shards, tmp_path):
+    """A signal mid-run: every rank stops at the same step boundary with a complete checkpoint."""
+    run_dir = tmp_path / "signalled"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
+           "-m", "launcher", "train", "--config", "configs/train/tiny.yaml",
+           *overrides(shards, run_dir, "train.steps=1000")]
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    try:
+        deadline = time.time() + 180
+        while time.time() < deadline and not (run_dir / "metrics.jsonl").exists():
+            time.sleep(0.5)
+        assert (run_dir / "metrics.jsonl").exists(), "training never logged a step"
+        # Signal the ranks themselves (as `srun` does with one task per rank); torchrun's agent
+        # would die of an unhandled USR1 itself.
+        import psutil
+
+        ranks = [c for c in psutil.Process(proc.pid).children() if "launcher" in " ".join(c.cmdline())]
+        assert len(ranks) == 2
+        ranks[-1].send_signal(signal.SIGUSR1)  # one rank only: the others must agree to stop with it
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 3, out[-3000:]
+    stopped_at = max(losses(run_dir))
+    assert stopped_at < 1000
+    assert (run_dir / "checkpoints" / f"step_{stopped_at:08d}" / "COMPLETE").is_file()
