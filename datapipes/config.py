@@ -22,6 +22,16 @@ class SyntheticConfig:
     image_size: int = 64
     seed: int = 1234
     samples_per_shard: int = 500
+    # task -> weight of each sample's task (datapipes/synthetic.py); a weight of 0 drops a task
+    task_mix: dict[str, float] = field(
+        default_factory=lambda: {
+            "referring": 0.5,
+            "multi_referring": 0.15,
+            "empty_referring": 0.1,
+            "panoptic_segcap": 0.15,
+            "finegrained_segcap": 0.1,
+        }
+    )
 
 
 @dataclass
@@ -36,4 +46,5 @@ class DataConfig:
     shuffle_buffer: int = 256
     max_length: int = 160  # tokens, image placeholders included; longer samples are skipped as bad
     max_bad_fraction: float = 0.01  # the run stops with an error above this rate of skipped samples
+    bad_fraction_min_seen: int = 50  # ...checked once a worker has seen this many samples
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)

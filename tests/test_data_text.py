@@ -1,0 +1,88 @@
+"""Tokenisation with the chat template: what the loss sees (labels), image placeholders, prompt prefix."""
+
+import pytest
+
+from datapipes.schema import SPECIAL_TOKENS
+from datapipes.synthetic import build_tokenizer
+from datapipes.text import IGNORE_INDEX, TooLong, image_token_id, tokenize_conversation
+
+N_IMG = 16
+CONV = [
+    {"role": "user", "content": "<image>\nPlease segment the red house."},
+    {"role": "assistant", "content": "Sure, <p> the red house </p> [SEG]."},
+]
+
+
+@pytest.fixture(scope="module")
+def tok():
+    t = build_tokenizer()
+    t.add_special_tokens({"additional_special_tokens": list(SPECIAL_TOKENS)})
+    return t
+
+
+def run(tok, conv=CONV, max_length=200):
+    return tokenize_conversation(conv, tok, image_id=image_token_id(tok), num_image_tokens=N_IMG, max_length=max_length)
+
+
+def test_labels_keep_exactly_the_assistant_answer_and_its_eos(tok):
+    t = run(tok)
+    kept = [i for i, l in zip(t.input_ids, t.labels) if l != IGNORE_INDEX]
+    assert tok.convert_ids_to_tokens(kept) == ["Sure", ",", "<p>", "the", "red", "house", "</p>", "[SEG]", ".", "</s>"]
+    assert all(l == i for i, l in zip(t.input_ids, t.labels) if l != IGNORE_INDEX)
+
+
+def test_user_turn_system_prompt_and_image_tokens_are_masked(tok):
+    t = run(tok)
+    n_prompt = len(t.prompt_ids)
+    assert all(l == IGNORE_INDEX for l in t.labels[:n_prompt])
+    img = image_token_id(tok)
+    assert all(l == IGNORE_INDEX for i, l in zip(t.input_ids, t.labels) if i == img)
+
+
+def test_seg_p_tokens_are_in_the_labels(tok):
+    t = run(tok)
+    for s in ("[SEG]", "<p>", "</p>"):
+        assert tok.convert_tokens_to_ids(s) in t.labels
+
+
+def test_image_token_expands_to_n_contiguous_copies(tok):
+    t = run(tok)
+    img = image_token_id(tok)
+    first = t.input_ids.index(img)
+    assert t.input_ids.count(img) == N_IMG
+    assert t.input_ids[first : first + N_IMG] == [img] * N_IMG
+    assert len(t.input_ids) == len(t.labels)
+
+
+def test_prompt_ids_is_the_prefix_up_to_assistant_colon(tok):
+    t = run(tok)
+    assert t.input_ids[: len(t.prompt_ids)] == t.prompt_ids
+    assert tok.convert_ids_to_tokens(t.prompt_ids[-2:]) == ["ASSISTANT", ":"]
+    assert t.prompt_ids[0] == tok.bos_token_id
+    gen = tok.apply_chat_template(CONV[:1], add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
+    assert len(t.prompt_ids) == len(gen) + N_IMG - 1  # the same text, with the image expanded
+
+
+def test_multi_turn_labels_both_answers_and_prompt_ends_at_the_last_turn(tok):
+    conv = CONV + [{"role": "user", "content": "Please segment the blue circle."},
+                   {"role": "assistant", "content": "It is <p> the blue circle </p> [SEG]."}]
+    t = run(tok, conv)
+    kept = tok.convert_ids_to_tokens([i for i, l in zip(t.input_ids, t.labels) if l != IGNORE_INDEX])
+    assert kept.count("</s>") == 2 and kept.count("[SEG]") == 2
+    assert "Please" not in kept and "USER" not in kept and kept.count("blue") == 1  # user turns masked
+    prompt = tok.convert_ids_to_tokens(t.prompt_ids)
+    assert prompt[-2:] == ["ASSISTANT", ":"] and prompt.count("ASSISTANT") == 2
+    assert "blue" in prompt and "It" not in prompt
+
+
+def test_too_long_is_a_bad_sample_not_truncated(tok):
+    n = len(run(tok).input_ids)
+    assert len(run(tok, max_length=n).input_ids) == n
+    with pytest.raises(TooLong, match=f"{n} tokens .* > max_length {n - 1}") as e:
+        run(tok, max_length=n - 1)
+    assert e.value.reason == "too_long"
+
+
+def test_tokenizer_without_image_token_is_refused():
+    with pytest.raises(ValueError, match="add the special tokens first"):
+        image_token_id(build_tokenizer())
