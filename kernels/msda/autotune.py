@@ -25,7 +25,8 @@ def row_configs():
 def prune_row_configs(configs, named_args, **kwargs):
     """Keep configs whose tile fits the problem; keep exactly one when interpreting.
 
-    BLOCK_R * BLOCK_D fp32 accumulators over num_warps*32 threads: more than ~64 values per thread spills.
+    A (BLOCK_R, BLOCK_D) fp32 tile over num_warps*32 threads: past ~32 values per thread, the accumulator
+    plus four corner tiles in flight spill registers.
     """
     if knobs.runtime.interpret:
         return [INTERPRETER_CONFIG]
@@ -35,7 +36,7 @@ def prune_row_configs(configs, named_args, **kwargs):
         c
         for c in configs
         if c.kwargs["BLOCK_R"] <= max(16, triton.next_power_of_2(n_rows))
-        and c.kwargs["BLOCK_R"] * block_d // (c.num_warps * 32) <= 64
+        and c.kwargs["BLOCK_R"] * block_d // (c.num_warps * 32) <= 32
     ]
     return kept or [min(configs, key=lambda c: c.kwargs["BLOCK_R"])]
 

@@ -1,0 +1,294 @@
+"""Autotune benchmarks for kernels.msda (`python -m kernels.bench --help`): Triton vs the grid_sample reference
+and, when importable, the Deformable-DETR CUDA extension. Reports ms, GB/s, ratio to the HBM floor; CSV + plots.
+On a CPU-only machine it runs the Triton interpreter on tiny shapes: those timings mean nothing.
+"""
+
+import argparse
+import csv
+import os
+import statistics
+import time
+
+import torch
+
+from kernels.msda import ms_deform_attn, ms_deform_attn_reference
+
+# Encoder self-attention of the multi-scale pixel decoder: every pixel of every level is a query (Lq = S).
+SHAPES = {
+    # Mask2Former at 1024x1024: strides 8/16/32, 8 heads of 32 channels, 4 points per level.
+    "mask2former": dict(levels=[(128, 128), (64, 64), (32, 32)], heads=8, head_dim=32, points=4),
+    # OpenSeeD-style 4-level variant that adds stride 4.
+    "openseed": dict(levels=[(256, 256), (128, 128), (64, 64), (32, 32)], heads=8, head_dim=32, points=4),
+    # For the CPU interpreter only.
+    "tiny": dict(levels=[(4, 4), (2, 2), (1, 1)], heads=2, head_dim=8, points=2),
+}
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+CPU_BANNER = (
+    "CPU only: Triton runs in its interpreter (TRITON_INTERPRET=1) on tiny shapes. These timings, GB/s and ratios\n"
+    "MEAN NOTHING about GPU performance; they only show that the benchmark runs. Run on a GPU to measure."
+)
+
+
+def peak_hbm_gbps(device_name, total_bytes):
+    """Datasheet HBM bandwidth in GB/s for the GPUs the targets are stated for; None when unknown."""
+    name = device_name.upper()
+    if "H200" in name:
+        return 4800.0
+    if "H100" in name:
+        return 2000.0 if "PCIE" in name else 3350.0
+    if "A100" in name:
+        return 2039.0 if total_bytes > 50e9 else 1555.0
+    return None
+
+
+def make_problem(shape, batch, dtype, device, seed=0):
+    """Inputs as the pixel decoder makes them: each query samples a few pixels around its own location.
+
+    sampling_locations stay fp32 (bf16 cannot address sub-pixel positions on a 256-pixel level); value and
+    attention_weights take the benchmarked precision.
+    """
+    g = torch.Generator().manual_seed(seed)
+    spec = SHAPES[shape]
+    shapes = torch.tensor(spec["levels"], dtype=torch.int64)
+    areas = shapes[:, 0] * shapes[:, 1]
+    starts = torch.cat([areas.new_zeros(1), areas.cumsum(0)[:-1]])
+    S, M, D, P, L = int(areas.sum()), spec["heads"], spec["head_dim"], spec["points"], len(spec["levels"])
+    # reference point of each query: its pixel centre, normalised to [0, 1]
+    refs = torch.cat([
+        torch.stack(torch.meshgrid((torch.arange(W) + 0.5) / W, (torch.arange(H) + 0.5) / H, indexing="xy"), -1)
+        .reshape(-1, 2) for H, W in spec["levels"]
+    ])  # fmt: skip
+    sizes = shapes.flip(-1).float()  # (W, H) per level
+    offsets = torch.randn(batch, S, M, L, P, 2, generator=g) * 2.0 / sizes[:, None, :]  # ~2 pixels
+    loc = refs[None, :, None, None, None, :] + offsets
+    value = torch.randn(batch, S, M, D, generator=g)
+    attn = torch.rand(batch, S, M, L, P, generator=g).flatten(-2).softmax(-1).view(batch, S, M, L, P)
+    return (value.to(device, dtype), shapes.to(device), starts.to(device), loc.to(device),
+            attn.to(device, dtype))  # fmt: skip
+
+
+def compulsory_bytes(mode, value, loc, attn, out):
+    """Each input read once and each output written once (forward; backward adds grad_out and three grads)."""
+    inputs = sum(t.numel() * t.element_size() for t in (value, loc, attn))
+    output = out.numel() * out.element_size()
+    forward = inputs + output
+    backward = inputs + output + inputs  # read value, loc, attn, grad_out; write their three gradients
+    return forward if mode == "fwd" else forward + backward
+
+
+def activation_bytes(fn, inputs):
+    """Floating-point bytes an op leaves alive after its forward: its output plus what autograd saved for
+    backward that is not one of `inputs`. Counts tensors, so it is the same on any device."""
+    inputs = [x.detach().requires_grad_() for x in inputs]
+    input_storages = {x.untyped_storage().data_ptr() for x in inputs}
+    kept = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if t.is_floating_point() and storage.data_ptr() not in input_storages:
+            kept[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn(*inputs)
+    kept[out.untyped_storage().data_ptr()] = out.untyped_storage().nbytes()
+    return sum(kept.values())
+
+
+def cuda_extension():
+    """The Deformable-DETR CUDA extension (`MultiScaleDeformableAttention`), or None."""
+    try:
+        import MultiScaleDeformableAttention
+
+        return MultiScaleDeformableAttention
+    except ImportError:
+        return None
+
+
+def provider_fn(provider, mode, problem, deterministic):
+    """A zero-argument callable running one forward (or forward+backward) and the tensors whose .grad to reset."""
+    value, shapes, starts, loc, attn = problem
+    if provider == "cuda_ext":  # fp32 only, no autograd: call its forward/backward directly
+        ext, step = cuda_extension(), min(64, value.shape[0])
+        v, l, a = value.float(), loc.float(), attn.float()
+        if mode == "fwd":
+            return (lambda: ext.ms_deform_attn_forward(v, shapes, starts, l, a, step)), []
+        grad = torch.randn(v.shape[0], l.shape[1], v.shape[2] * v.shape[3], device=v.device)
+
+        def fwd_bwd():
+            ext.ms_deform_attn_forward(v, shapes, starts, l, a, step)
+            ext.ms_deform_attn_backward(v, shapes, starts, l, a, grad, step)
+
+        return fwd_bwd, []
+
+    if provider == "triton":
+        op = lambda v, l, a: ms_deform_attn(v, shapes, starts, l, a, backend="triton", deterministic=deterministic)  # noqa: E731
+    else:  # grid_sample wants one dtype: its users run everything in the benchmarked precision
+        op = lambda v, l, a: ms_deform_attn_reference(v, shapes, starts, l, a)  # noqa: E731
+        loc = loc.to(value.dtype)
+    if mode == "fwd":
+        return (lambda: op(value, loc, attn)), []
+    v, l, a = (x.detach().requires_grad_() for x in (value, loc, attn))
+    grad = torch.randn(v.shape[0], l.shape[1], v.shape[2] * v.shape[3], device=v.device, dtype=v.dtype)
+    return (lambda: op(v, l, a).backward(grad)), [v, l, a]
+
+
+def time_ms(fn, grad_to_none, on_cuda, cpu_reps):
+    """(median, p20, p80) in ms. triton.testing.do_bench needs a GPU driver; the interpreter gets a CPU timer."""
+    if on_cuda:
+        import triton.testing
+
+        return tuple(triton.testing.do_bench(fn, grad_to_none=grad_to_none, quantiles=[0.5, 0.2, 0.8]))
+    times = []  # no warm-up: the interpreter does not compile
+    for _ in range(cpu_reps):
+        for t in grad_to_none:
+            t.grad = None
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1e3)
+    q = statistics.quantiles(times, n=5) if len(times) > 1 else times * 4
+    return statistics.median(times), q[0], q[-1]
+
+
+class Runner:
+    """Measures each (shape, mode, precision, batch, provider) once; perf_report plots read from the cache."""
+
+    def __init__(self, args, on_cuda):
+        self.args, self.on_cuda, self.results = args, on_cuda, {}
+        self.device = "cuda" if on_cuda else "cpu"
+        props = torch.cuda.get_device_properties(0) if on_cuda else None
+        self.peak_gbps = args.hbm_gbps or (peak_hbm_gbps(props.name, props.total_memory) if props else None)
+
+    def measure(self, shape, mode, precision, batch, provider):
+        key = (shape, mode, precision, batch, provider)
+        if key in self.results:
+            return self.results[key]
+        problem = make_problem(shape, batch, DTYPES[precision], self.device)
+        value, _, _, loc, attn = problem
+        row = dict(shape=shape, mode=mode, precision=precision, batch=batch, provider=provider)
+        try:
+            fn, grads = provider_fn(provider, mode, problem, self.args.deterministic)
+            ms, lo, hi = time_ms(fn, grads, self.on_cuda, self.args.cpu_reps)
+        except torch.OutOfMemoryError:
+            ms = lo = hi = float("nan")
+            torch.cuda.empty_cache()
+        out = torch.empty(value.shape[0], loc.shape[1], value.shape[2] * value.shape[3], dtype=value.dtype)
+        nbytes = compulsory_bytes(mode, value, loc, attn, out)
+        floor_ms = nbytes / (self.peak_gbps * 1e9) * 1e3 if self.peak_gbps else float("nan")
+        row.update(ms=ms, ms_p20=lo, ms_p80=hi, compulsory_mb=nbytes / 1e6, gbps=nbytes / (ms * 1e6),
+                   floor_ms=floor_ms, x_floor=ms / floor_ms)  # fmt: skip
+        self.results[key] = row
+        return row
+
+
+def perf_reports(runner, args, providers):
+    """One triton.testing.perf_report per (shape, mode, precision, metric): batch on x, one line per provider."""
+    import triton.testing
+
+    names = {"triton": "Triton", "reference": "grid_sample", "cuda_ext": "CUDA ext (fp32)"}
+    benchmarks = [
+        triton.testing.Benchmark(
+            x_names=["batch"], x_vals=args.batch, line_arg="provider", line_vals=providers,
+            line_names=[names[p] for p in providers], ylabel=metric, xlabel="batch",
+            plot_name=f"msda-{shape}-{mode}-{precision}-{metric.replace('/', 'per')}",
+            args=dict(shape=shape, mode=mode, precision=precision, metric=metric),
+        )  # fmt: skip
+        for shape in args.shapes
+        for mode in args.mode
+        for precision in args.precision
+        for metric in ("ms", "GB/s", "x_floor")
+    ]
+
+    @triton.testing.perf_report(benchmarks)
+    def bench(batch, provider, shape, mode, precision, metric):
+        row = runner.measure(shape, mode, precision, batch, provider)
+        if metric == "ms":
+            return row["ms"], row["ms_p20"], row["ms_p80"]
+        return row["gbps"] if metric == "GB/s" else row["x_floor"]
+
+    return bench
+
+
+def check_against_reference(shapes, precisions, device):
+    """Max relative error of the Triton forward against the fp32 reference, batch 1, printed before timing."""
+    for shape in shapes:
+        for precision in precisions:
+            value, shapes_t, starts, loc, attn = make_problem(shape, 1, DTYPES[precision], device, seed=1)
+            out = ms_deform_attn(value, shapes_t, starts, loc, attn, backend="triton").float()
+            ref = ms_deform_attn_reference(value.float(), shapes_t, starts, loc, attn.float())
+            err = ((out - ref).abs().max() / ref.abs().max()).item()
+            print(f"check {shape:12s} {precision}: max relative error vs reference {err:.2e}")
+
+
+def activation_table(shapes, device):
+    """Activation memory of the op vs the grid_sample reference, batch 1, fp32. Counted, not timed: valid on CPU.
+    The custom op saves only its inputs whatever the backend, so its reference backend stands in on CPU."""
+    rows = []
+    for shape in shapes:
+        value, shapes_t, starts, loc, attn = make_problem(shape, 1, torch.float32, device)
+        backend = "triton" if value.is_cuda else "reference"
+        ours = activation_bytes(lambda v, l, a: ms_deform_attn(v, shapes_t, starts, l, a, backend=backend),
+                                (value, loc, attn))  # fmt: skip
+        theirs = activation_bytes(lambda v, l, a: ms_deform_attn_reference(v, shapes_t, starts, l, a),
+                                  (value, loc, attn))  # fmt: skip
+        rows.append(dict(shape=shape, batch=1, op_mib=ours / 2**20, grid_sample_mib=theirs / 2**20,
+                         ratio=theirs / ours))  # fmt: skip
+        print(f"activation memory {shape:12s} batch 1 fp32: ms_deform_attn {ours / 2**20:8.1f} MiB, "
+              f"grid_sample reference {theirs / 2**20:8.1f} MiB ({theirs / ours:.1f}x)")  # fmt: skip
+    return rows
+
+
+def write_csv(path, rows):
+    if rows:
+        with open(path, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+
+
+def parse_args(argv, on_cuda):
+    p = argparse.ArgumentParser(prog="python -m kernels.bench", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    p.add_argument("--shapes", nargs="+", choices=list(SHAPES),
+                   default=["mask2former", "openseed"] if on_cuda else ["tiny"])  # fmt: skip
+    p.add_argument("--batch", nargs="+", type=int, default=[1, 2, 4, 8] if on_cuda else [1, 2])
+    p.add_argument("--precision", nargs="+", choices=list(DTYPES), default=list(DTYPES))
+    p.add_argument("--mode", nargs="+", choices=["fwd", "fwd_bwd"], default=["fwd", "fwd_bwd"])
+    p.add_argument("--providers", nargs="+", choices=["triton", "reference", "cuda_ext"],
+                   help="default: triton, reference, and cuda_ext when MultiScaleDeformableAttention imports")
+    p.add_argument("--deterministic", action="store_true", help="time the deterministic (atomic-free) backward")
+    p.add_argument("--hbm-gbps", type=float, help="peak HBM bandwidth for the floor (default: from the GPU name)")
+    p.add_argument("--memory-shapes", nargs="*", choices=list(SHAPES), default=["mask2former", "openseed"],
+                   help="shapes for the activation-memory table (batch 1; counted, so meaningful on CPU too)")
+    p.add_argument("--cpu-reps", type=int, default=2, help="timed repetitions per point in interpreter mode")
+    p.add_argument("--out-dir", default="runs/msda_bench", help="CSV files, plots and results.html go here")
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    on_cuda = torch.cuda.is_available()
+    args = parse_args(argv, on_cuda)
+    if not on_cuda:
+        # Must happen before the Triton kernels are first imported (kernels.msda imports them lazily).
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+        print(CPU_BANNER)
+    providers = args.providers or ["triton", "reference"] + (["cuda_ext"] if on_cuda and cuda_extension() else [])
+    if "cuda_ext" in providers and not (on_cuda and cuda_extension()):
+        raise SystemExit("cuda_ext needs a GPU and the MultiScaleDeformableAttention package")
+    os.makedirs(args.out_dir, exist_ok=True)
+
+    check_against_reference(args.shapes, args.precision, "cuda" if on_cuda else "cpu")
+    runner = Runner(args, on_cuda)
+    if runner.peak_gbps is None:
+        print("no known HBM peak for this device: x_floor is nan (pass --hbm-gbps)")
+    perf_reports(runner, args, providers).run(print_data=True, save_path=args.out_dir)
+    write_csv(os.path.join(args.out_dir, "msda_summary.csv"), list(runner.results.values()))
+    memory = activation_table(args.memory_shapes, "cuda" if on_cuda else "cpu")
+    write_csv(os.path.join(args.out_dir, "msda_activation_memory.csv"), memory)
+    print(f"wrote {args.out_dir}/msda_summary.csv, msda_activation_memory.csv, one CSV + PNG per plot, results.html")
+    if not on_cuda:
+        print(CPU_BANNER)
+
+
+if __name__ == "__main__":
+    main()
