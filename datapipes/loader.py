@@ -1,9 +1,6 @@
 """The streaming loaders: WebDataset shards -> decoded, validated, tokenised examples -> Batch.
-
-Train: per source, shards resampled deterministically in (seed, rank, worker), a shuffle buffer, and
-weighted mixing with a seeded RNG; batch k on a rank is the same whether the run started at 0 or
-resumed at k. Eval: one pass, every sample once across ranks and workers, the same batch count per
-rank (fillers flagged is_padding). Bad samples are skipped and counted until a configured rate.
+Train: resampled, shuffled, weighted-mixed, resumable exactly at any step; eval: one pass, every sample
+once, the same batch count on every rank. Bad samples are skipped and counted up to a configured rate.
 """
 
 from __future__ import annotations
@@ -179,6 +176,7 @@ class TrainStream(torch.utils.data.IterableDataset):
         self.shards = [_manifest_shards(s) for s in self.sources]  # read once, fail early
         self.num_workers = max(cfg.num_workers, 1)
         self.pad_id = _pad_id(tokenizer)
+        image_token_id(tokenizer)  # fail here, not in a worker
 
     def __iter__(self) -> Iterator[Batch]:
         info = torch.utils.data.get_worker_info()
@@ -259,6 +257,9 @@ class EvalPass(torch.utils.data.IterableDataset):
         self.num_image_tokens, self.clip_size, self.sam_size = num_image_tokens, clip_size, sam_size
         self.rank = rank
         self.pad_id = _pad_id(tokenizer)
+        image_token_id(tokenizer)  # fail here, not in a worker
+        if not cfg.val:
+            raise ValueError("data.val lists no source to evaluate on")
         shards = [s for src in cfg.val for s in _manifest_shards(src)]
         self.num_workers = max(cfg.num_workers, 1)
         num_slots = world_size * self.num_workers

@@ -113,11 +113,13 @@ def _phrase(node: MaskNode, determiner: str) -> str:
     return f"{determiner} {node.label}"
 
 
-def _grounded(phrase: str) -> str:
+def grounded(phrase: str) -> str:
+    """USCDF's grounded phrase: the i-th of these in an answer owns the i-th mask."""
     return f"{P_START} {phrase} {P_END} {SEG_TOKEN}"
 
 
-def _join(items: list[str]) -> str:
+def join(items: list[str]) -> str:
+    """'a', 'a and b', 'a, b and c'."""
     return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
 
 
@@ -126,7 +128,7 @@ def panoptic_answer(root: MaskNode, rng: random.Random) -> tuple[str, list[tuple
     if not root.children:
         raise ValueError("the mask tree has no objects to describe")
     owned = [(_phrase(c, "a"), c.mask) for c in root.children]
-    text = rng.choice(PANOPTIC_OPENERS).format(_join([_grounded(p) for p, _ in owned]))
+    text = rng.choice(PANOPTIC_OPENERS).format(join([grounded(p) for p, _ in owned]))
     return text, owned
 
 
@@ -137,9 +139,9 @@ def finegrained_answer(node: MaskNode, rng: random.Random) -> tuple[str, list[tu
     def describe(n: MaskNode, determiner: str) -> str:
         phrase = _phrase(n, determiner)
         owned.append((phrase, n.mask))
-        text = _grounded(phrase)
+        text = grounded(phrase)
         if n.children:
-            text += " with " + _join([describe(c, "its" if n.count == 1 else "their") for c in n.children])
+            text += " with " + join([describe(c, "its" if n.count == 1 else "their") for c in n.children])
         return text
 
     text = describe(node, "the")

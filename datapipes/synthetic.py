@@ -14,7 +14,7 @@ from transformers import PreTrainedTokenizerFast
 
 from datapipes import mgsc
 from datapipes.config import SyntheticConfig
-from datapipes.schema import IMAGE_TOKEN, P_END, P_START, SEG_TOKEN, Sample, encode_mask, mask_ann
+from datapipes.schema import IMAGE_TOKEN, Sample, encode_mask, mask_ann
 from datapipes.shards import write_shards
 
 COLOURS = {
@@ -161,10 +161,6 @@ def _place(specs: list[tuple[str, str]], size: int, rng: random.Random, scale: f
 
 # --- tasks ---------------------------------------------------------------------------------------
 
-def _grounded(phrase: str) -> str:
-    return f"{P_START} {phrase} {P_END} {SEG_TOKEN}"
-
-
 def _user(prompt: str) -> dict:
     return {"role": "user", "content": f"{IMAGE_TOKEN}\n{prompt}"}
 
@@ -215,7 +211,7 @@ def make_sample(task: str, key: str, size: int, rng: random.Random) -> tuple[np.
                 mask, ref = target["mask"], f"{c} {k}"
             owned = [(f"the {ref}", mask)]
             conv = [_user(rng.choice(REFER_PROMPTS).format(ref)),
-                    {"role": "assistant", "content": rng.choice(REFER_ANSWERS).format(_grounded(f"the {ref}"))}]
+                    {"role": "assistant", "content": rng.choice(REFER_ANSWERS).format(mgsc.grounded(f"the {ref}"))}]
             query = {"colour": c, "class": k, "part": part}
     elif task == "multi_referring":
         n = rng.randint(2, 3)
@@ -232,7 +228,7 @@ def make_sample(task: str, key: str, size: int, rng: random.Random) -> tuple[np.
         rng.shuffle(specs)
         image, objects = render_scene(specs, size, rng)
         owned = [(f"the {o['colour']} {o['class']}", o["mask"]) for o in _left_to_right([o for o in objects if match(o)])]
-        answer = "Sure, " + mgsc._join([_grounded(p) for p, _ in owned]) + "."
+        answer = "Sure, " + mgsc.join([mgsc.grounded(p) for p, _ in owned]) + "."
         conv = [_user(rng.choice(MULTI_PROMPTS).format(group)), {"role": "assistant", "content": answer}]
     elif task in ("panoptic_segcap", "finegrained_segcap"):
         specs = _random_specs(rng.randint(2, 4), rng)
@@ -241,10 +237,9 @@ def make_sample(task: str, key: str, size: int, rng: random.Random) -> tuple[np.
             rng.shuffle(specs)
         image, objects = render_scene(specs, size, rng)
         masks, labels = [], []
-        for o in objects:
-            masks.append(o["mask"]), labels.append(f"{o['colour']} {o['class']}")
-            for name, m in o["parts"]:
-                masks.append(m), labels.append(name)
+        for o in objects:  # the labeller of synthetic scenes knows every label
+            masks += [o["mask"]] + [m for _, m in o["parts"]]
+            labels += [f"{o['colour']} {o['class']}"] + [name for name, _ in o["parts"]]
         samples = mgsc.annotate(image, masks, lambda img, ms: labels, key=key, dataset="synthetic", rng=rng,
                                 extra={"objects": _objects(objects)})
         pool = [s for s in samples if s.task == task]

@@ -137,3 +137,12 @@ def test_chat_template_renders_the_vicuna_v1_format(tok):
     prompt = tok.apply_chat_template(conv[:1], tokenize=False, add_generation_prompt=True)
     assert prompt == f"<s>{SYSTEM} USER: <image>\nhi ASSISTANT:"
     assert "{% generation %}" in VICUNA_V1_TEMPLATE
+
+
+def test_every_synthetic_sample_fits_the_default_max_length(tok, samples):
+    from datapipes.config import DataConfig
+    from datapipes.text import image_token_id, tokenize_conversation
+
+    for _, _, s in samples:  # raises TooLong otherwise
+        tokenize_conversation(s.conversation, tok, image_id=image_token_id(tok), num_image_tokens=16,
+                              max_length=DataConfig().max_length)
