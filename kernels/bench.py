@@ -5,6 +5,7 @@ On a CPU-only machine it runs the Triton interpreter on tiny shapes: those timin
 
 import argparse
 import csv
+import functools
 import os
 import statistics
 import time
@@ -57,14 +58,14 @@ def make_problem(shape, batch, dtype, device, seed=0):
     refs = torch.cat([
         torch.stack(torch.meshgrid((torch.arange(W) + 0.5) / W, (torch.arange(H) + 0.5) / H, indexing="xy"), -1)
         .reshape(-1, 2) for H, W in spec["levels"]
-    ])  # fmt: skip
+    ])
     sizes = shapes.flip(-1).float()  # (W, H) per level
     offsets = torch.randn(batch, S, M, L, P, 2, generator=g) * 2.0 / sizes[:, None, :]  # ~2 pixels
     loc = refs[None, :, None, None, None, :] + offsets
     value = torch.randn(batch, S, M, D, generator=g)
     attn = torch.rand(batch, S, M, L, P, generator=g).flatten(-2).softmax(-1).view(batch, S, M, L, P)
     return (value.to(device, dtype), shapes.to(device), starts.to(device), loc.to(device),
-            attn.to(device, dtype))  # fmt: skip
+            attn.to(device, dtype))
 
 
 def compulsory_bytes(mode, value, loc, attn, out):
@@ -76,10 +77,10 @@ def compulsory_bytes(mode, value, loc, attn, out):
     return forward if mode == "fwd" else forward + backward
 
 
-def activation_bytes(fn, inputs):
-    """Floating-point bytes an op leaves alive after its forward: its output plus what autograd saved for
-    backward that is not one of `inputs`. Counts tensors, so it is the same on any device."""
-    inputs = [x.detach().requires_grad_() for x in inputs]
+def activation_bytes(fn, value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
+    """Floating-point bytes `fn` (an MSDA implementation) leaves alive after its forward: its output plus what
+    autograd saved for backward that is not an input. Counts tensors, so it is the same on any device."""
+    inputs = [x.detach().requires_grad_() for x in (value, sampling_locations, attention_weights)]
     input_storages = {x.untyped_storage().data_ptr() for x in inputs}
     kept = {}
 
@@ -90,7 +91,7 @@ def activation_bytes(fn, inputs):
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = fn(*inputs)
+        out = fn(inputs[0], spatial_shapes, level_start_index, inputs[1], inputs[2])
     kept[out.untyped_storage().data_ptr()] = out.untyped_storage().nbytes()
     return sum(kept.values())
 
@@ -122,9 +123,11 @@ def provider_fn(provider, mode, problem, deterministic):
         return fwd_bwd, []
 
     if provider == "triton":
-        op = lambda v, l, a: ms_deform_attn(v, shapes, starts, l, a, backend="triton", deterministic=deterministic)  # noqa: E731
+        op = lambda v, l, a: ms_deform_attn(
+            v, shapes, starts, l, a, backend="triton", deterministic=deterministic
+        )
     else:  # grid_sample wants one dtype: its users run everything in the benchmarked precision
-        op = lambda v, l, a: ms_deform_attn_reference(v, shapes, starts, l, a)  # noqa: E731
+        op = lambda v, l, a: ms_deform_attn_reference(v, shapes, starts, l, a)
         loc = loc.to(value.dtype)
     if mode == "fwd":
         return (lambda: op(value, loc, attn)), []
@@ -172,11 +175,13 @@ class Runner:
         except torch.OutOfMemoryError:
             ms = lo = hi = float("nan")
             torch.cuda.empty_cache()
+        if provider == "cuda_ext":  # it reads and writes fp32 whatever the benchmarked precision
+            value, attn = value.float(), attn.float()
         out = torch.empty(value.shape[0], loc.shape[1], value.shape[2] * value.shape[3], dtype=value.dtype)
         nbytes = compulsory_bytes(mode, value, loc, attn, out)
         floor_ms = nbytes / (self.peak_gbps * 1e9) * 1e3 if self.peak_gbps else float("nan")
         row.update(ms=ms, ms_p20=lo, ms_p80=hi, compulsory_mb=nbytes / 1e6, gbps=nbytes / (ms * 1e6),
-                   floor_ms=floor_ms, x_floor=ms / floor_ms)  # fmt: skip
+                   floor_ms=floor_ms, x_floor=ms / floor_ms)
         self.results[key] = row
         return row
 
@@ -192,7 +197,7 @@ def perf_reports(runner, args, providers):
             line_names=[names[p] for p in providers], ylabel=metric, xlabel="batch",
             plot_name=f"msda-{shape}-{mode}-{precision}-{metric.replace('/', 'per')}",
             args=dict(shape=shape, mode=mode, precision=precision, metric=metric),
-        )  # fmt: skip
+        )
         for shape in args.shapes
         for mode in args.mode
         for precision in args.precision
@@ -225,16 +230,16 @@ def activation_table(shapes, device):
     The custom op saves only its inputs whatever the backend, so its reference backend stands in on CPU."""
     rows = []
     for shape in shapes:
-        value, shapes_t, starts, loc, attn = make_problem(shape, 1, torch.float32, device)
-        backend = "triton" if value.is_cuda else "reference"
-        ours = activation_bytes(lambda v, l, a: ms_deform_attn(v, shapes_t, starts, l, a, backend=backend),
-                                (value, loc, attn))  # fmt: skip
-        theirs = activation_bytes(lambda v, l, a: ms_deform_attn_reference(v, shapes_t, starts, l, a),
-                                  (value, loc, attn))  # fmt: skip
-        rows.append(dict(shape=shape, batch=1, op_mib=ours / 2**20, grid_sample_mib=theirs / 2**20,
-                         ratio=theirs / ours))  # fmt: skip
+        problem = make_problem(shape, 1, torch.float32, device)
+        backend = "triton" if problem[0].is_cuda else "reference"
+        ours = activation_bytes(functools.partial(ms_deform_attn, backend=backend), *problem)
+        theirs = activation_bytes(ms_deform_attn_reference, *problem)
+        rows.append(
+            {"shape": shape, "batch": 1, "op_mib": ours / 2**20, "grid_sample_mib": theirs / 2**20,
+             "ratio": theirs / ours}
+        )
         print(f"activation memory {shape:12s} batch 1 fp32: ms_deform_attn {ours / 2**20:8.1f} MiB, "
-              f"grid_sample reference {theirs / 2**20:8.1f} MiB ({theirs / ours:.1f}x)")  # fmt: skip
+              f"grid_sample reference {theirs / 2**20:8.1f} MiB ({theirs / ours:.1f}x)")
     return rows
 
 
@@ -248,9 +253,9 @@ def write_csv(path, rows):
 
 def parse_args(argv, on_cuda):
     p = argparse.ArgumentParser(prog="python -m kernels.bench", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shapes", nargs="+", choices=list(SHAPES),
-                   default=["mask2former", "openseed"] if on_cuda else ["tiny"])  # fmt: skip
+                   default=["mask2former", "openseed"] if on_cuda else ["tiny"])
     p.add_argument("--batch", nargs="+", type=int, default=[1, 2, 4, 8] if on_cuda else [1, 2])
     p.add_argument("--precision", nargs="+", choices=list(DTYPES), default=list(DTYPES))
     p.add_argument("--mode", nargs="+", choices=["fwd", "fwd_bwd"], default=["fwd", "fwd_bwd"])

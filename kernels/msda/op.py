@@ -82,7 +82,7 @@ def _backward_op(
         grads = ms_deform_attn_reference_backward(
             grad_output.to(dt), value.to(dt), spatial_shapes, level_start_index,
             sampling_locations.to(dt), attention_weights.to(dt),
-        )  # fmt: skip
+        )
         inputs = (value, sampling_locations, attention_weights)
         return tuple(g.to(x.dtype) for g, x in zip(grads, inputs))
     _check_device(value)
@@ -93,7 +93,7 @@ def _backward_op(
 
 @_backward_op.register_fake
 def _(grad_output, value, spatial_shapes, level_start_index, sampling_locations, attention_weights, backend,
-      deterministic):  # fmt: skip
+      deterministic):
     return torch.empty_like(value), torch.empty_like(sampling_locations), torch.empty_like(attention_weights)
 
 
@@ -109,7 +109,7 @@ def _backward(ctx, grad_output):
     grad_value, grad_loc, grad_attn = _backward_op(
         grad_output.contiguous(), value, spatial_shapes, level_start_index, sampling_locations, attention_weights,
         ctx.backend, ctx.deterministic,
-    )  # fmt: skip
+    )
     return grad_value, None, None, grad_loc, grad_attn, None, None
 
 
@@ -137,9 +137,10 @@ def ms_deform_attn(
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    N, S, M, D = value.shape
+    N, _, M, _ = value.shape
     L = spatial_shapes.shape[0]
-    if sampling_locations.shape[:3] != (N, sampling_locations.shape[1], M) or sampling_locations.shape[3:4] != (L,):
+    loc_shape = sampling_locations.shape
+    if len(loc_shape) != 6 or loc_shape[0] != N or loc_shape[2] != M or loc_shape[3] != L or loc_shape[5] != 2:
         raise ValueError(f"sampling_locations {tuple(sampling_locations.shape)} is not (N={N}, Lq, M={M}, L={L}, P, 2)")
     if attention_weights.shape != sampling_locations.shape[:-1]:
         raise ValueError(f"attention_weights {tuple(attention_weights.shape)} != {tuple(sampling_locations.shape[:-1])}")

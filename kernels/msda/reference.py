@@ -24,7 +24,7 @@ def _grid(sampling_locations, level):
 def ms_deform_attn_reference(value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
     """value (N, S, M, D), sampling_locations (N, Lq, M, L, P, 2) as (x, y) in [0, 1],
     attention_weights (N, Lq, M, L, P) -> (N, Lq, M*D). Bilinear, zero padding, align_corners=False."""
-    N, S, M, D = value.shape
+    N, _, M, D = value.shape
     _, Lq, _, L, P, _ = sampling_locations.shape
     sampled = []
     for level, H, W, value_l in _levels(value, spatial_shapes, level_start_index):
@@ -42,8 +42,8 @@ def ms_deform_attn_reference_backward(
 ):
     """Gradients (value, sampling_locations, attention_weights) of the reference, written out with aten's
     grid_sample backward so that it can run inside a custom op (where autograd does not record)."""
-    N, S, M, D = value.shape
-    _, Lq, _, L, P, _ = sampling_locations.shape
+    N, _, M, D = value.shape
+    _, Lq, _, _, P, _ = sampling_locations.shape
     grad_out = grad_output.view(N, Lq, M, D).permute(0, 2, 3, 1).reshape(N * M, D, Lq, 1)
     grad_value = torch.zeros_like(value)
     grad_loc = torch.zeros_like(sampling_locations)

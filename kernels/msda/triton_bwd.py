@@ -14,10 +14,11 @@ from .triton_fwd import bilinear_point, corner, load_corner
 
 @triton.jit
 def scatter_corner(grad_value_ptr, keys_ptr, corner_w_ptr, entry, vrow, inside, w, g, d, d_mask, row_mask,
-                   key_base, no_key, D: tl.constexpr, DETERMINISTIC: tl.constexpr):  # fmt: skip
+                   key_base, no_key, D: tl.constexpr, DETERMINISTIC: tl.constexpr):
     """Send w * grad_out to one corner pixel: an fp32 atomic add, or (deterministic) a record of where and how much."""
     if DETERMINISTIC:
-        tl.store(keys_ptr + entry, tl.where(inside, key_base + vrow, no_key), mask=row_mask)
+        key = tl.where(inside, key_base + vrow, no_key)
+        tl.store(keys_ptr + entry, key.to(keys_ptr.dtype.element_ty), mask=row_mask)
         tl.store(corner_w_ptr + entry, tl.where(inside, w, 0.0), mask=row_mask)
     else:
         ptrs = grad_value_ptr + vrow[:, None] * D + d[None, :]
@@ -41,7 +42,7 @@ def msda_bwd_kernel(
     grad_value_ptr,  # (N, S, M, D) fp32, atomics only
     grad_loc_ptr,  # like loc
     grad_attn_ptr,  # like attn
-    keys_ptr,  # (N*Lq*M*L*P*4,) int64, deterministic only: value row each corner lands on
+    keys_ptr,  # (N*Lq*M*L*P*4,) int32/int64, deterministic only: value row each corner lands on
     corner_w_ptr,  # (N*Lq*M*L*P*4,) fp32, deterministic only: attention * bilinear weight of each corner
     n_rows,  # Lq * M
     S,
@@ -97,13 +98,13 @@ def msda_bwd_kernel(
 
             entry = point * 4
             scatter_corner(grad_value_ptr, keys_ptr, corner_w_ptr, entry, r00, in00, a * hy * hx, g, d, d_mask,
-                           row_mask, key_base, n_vrows, D, DETERMINISTIC)  # fmt: skip
+                           row_mask, key_base, n_vrows, D, DETERMINISTIC)
             scatter_corner(grad_value_ptr, keys_ptr, corner_w_ptr, entry + 1, r01, in01, a * hy * lx, g, d, d_mask,
-                           row_mask, key_base, n_vrows, D, DETERMINISTIC)  # fmt: skip
+                           row_mask, key_base, n_vrows, D, DETERMINISTIC)
             scatter_corner(grad_value_ptr, keys_ptr, corner_w_ptr, entry + 2, r10, in10, a * ly * hx, g, d, d_mask,
-                           row_mask, key_base, n_vrows, D, DETERMINISTIC)  # fmt: skip
+                           row_mask, key_base, n_vrows, D, DETERMINISTIC)
             scatter_corner(grad_value_ptr, keys_ptr, corner_w_ptr, entry + 3, r11, in11, a * ly * lx, g, d, d_mask,
-                           row_mask, key_base, n_vrows, D, DETERMINISTIC)  # fmt: skip
+                           row_mask, key_base, n_vrows, D, DETERMINISTIC)
 
 
 @triton.autotune(
@@ -132,7 +133,7 @@ def msda_gather_grad_value_kernel(
     count = tl.load(segment_ptr + vrows + 1, mask=vmask, other=0) - begin
 
     acc = tl.zeros((BLOCK_V, BLOCK_D), dtype=tl.float32)
-    for i in range(0, tl.max(count, axis=0)):  # same order every run: the sort is stable
+    for i in range(tl.max(count, axis=0).to(tl.int32)):  # same order every run: the sort is stable
         live = i < count
         entry = tl.load(perm_ptr + begin + i, mask=live, other=0)
         w = tl.load(corner_w_ptr + entry, mask=live, other=0.0)
@@ -145,38 +146,42 @@ def msda_gather_grad_value_kernel(
 
 
 def msda_backward(grad_output, value, spatial_shapes, level_start_index, sampling_locations, attention_weights,
-                  deterministic=False):  # fmt: skip
+                  deterministic=False):
     """Gradients (value, sampling_locations, attention_weights), each in its input's dtype. Contiguous inputs."""
     N, S, M, D = value.shape
     _, Lq, _, L, P, _ = sampling_locations.shape
     n_rows, n_vrows, n_entries = Lq * M, N * S * M, N * Lq * M * L * P * 4
     grad_loc = torch.empty_like(sampling_locations)
     grad_attn = torch.empty_like(attention_weights)
+    if grad_loc.numel() == 0 or value.numel() == 0:  # nothing to launch
+        return torch.zeros_like(value), grad_loc.zero_(), grad_attn.zero_()
     unused = value.new_empty(1, dtype=torch.float32)
     if deterministic:
         grad_value_acc = unused
-        keys = value.new_empty(n_entries, dtype=torch.int64)
+        # int32 keys when they fit: radix sort passes scale with key width
+        key_dtype = torch.int32 if n_vrows < 2**31 - 1 else torch.int64
+        keys = value.new_empty(n_entries, dtype=key_dtype)
         corner_w = value.new_empty(n_entries, dtype=torch.float32)
     else:
         grad_value_acc = torch.zeros(value.shape, dtype=torch.float32, device=value.device)
         keys = corner_w = unused
 
-    grid = lambda meta: (triton.cdiv(n_rows, meta["BLOCK_R"]), N)  # noqa: E731
+    grid = lambda meta: (triton.cdiv(n_rows, meta["BLOCK_R"]), N)
     msda_bwd_kernel[grid](
         value, spatial_shapes, level_start_index, sampling_locations, attention_weights, grad_output,
         grad_value_acc, grad_loc, grad_attn, keys, corner_w,
         n_rows, S, M, n_vrows, D=D, L=L, P=P, BLOCK_D=triton.next_power_of_2(D), DETERMINISTIC=deterministic,
-    )  # fmt: skip
+    )
     if not deterministic:
         return grad_value_acc.to(value.dtype), grad_loc, grad_attn
 
     # Group corner entries by value row without atomics: stable sort, then CSR offsets by binary search.
     sorted_keys, perm = torch.sort(keys, stable=True)
-    segments = torch.searchsorted(sorted_keys, torch.arange(n_vrows + 1, device=value.device))
+    segments = torch.searchsorted(sorted_keys, torch.arange(n_vrows + 1, device=value.device, dtype=keys.dtype))
     grad_value = torch.empty_like(value)
-    grid = lambda meta: (triton.cdiv(n_vrows, meta["BLOCK_V"]),)  # noqa: E731
+    grid = lambda meta: (triton.cdiv(n_vrows, meta["BLOCK_V"]),)
     msda_gather_grad_value_kernel[grid](
         grad_output, perm, corner_w, segments, grad_value,
         n_vrows, D=D, ENTRIES_PER_ROW=L * P * 4, BLOCK_D=triton.next_power_of_2(D),
-    )  # fmt: skip
+    )
     return grad_value, grad_loc, grad_attn

@@ -3,7 +3,6 @@
 One program owns BLOCK_R (query, head) rows of one batch element and all D channels of each row.
 """
 
-import torch
 import triton
 import triton.language as tl
 
@@ -103,10 +102,12 @@ def msda_forward(value, spatial_shapes, level_start_index, sampling_locations, a
     N, S, M, D = value.shape
     _, Lq, _, L, P, _ = sampling_locations.shape
     out = value.new_empty(N, Lq, M * D)
+    if out.numel() == 0 or S == 0 or L * P == 0:  # nothing to sample
+        return out.zero_()
     n_rows = Lq * M
-    grid = lambda meta: (triton.cdiv(n_rows, meta["BLOCK_R"]), N)  # noqa: E731
+    grid = lambda meta: (triton.cdiv(n_rows, meta["BLOCK_R"]), N)
     msda_fwd_kernel[grid](
         value, spatial_shapes, level_start_index, sampling_locations, attention_weights, out,
         n_rows, S, M, D=D, L=L, P=P, BLOCK_D=triton.next_power_of_2(D),
-    )  # fmt: skip
+    )
     return out
