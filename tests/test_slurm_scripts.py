@@ -28,8 +28,9 @@ assert t.item() == world * (world + 1) / 2
 dist.destroy_process_group()
 """
 
-# Each rank: print its argv and identity; on the job's first run wait for SIGUSR1/SIGTERM and exit
-# SCAFFOLD_EXIT (3 = "checkpoint saved, requeue me"); on a restart exit 0 at once.
+# Each rank: print its argv and identity; on the job's first run wait for SIGUSR1/SIGTERM, take
+# SCAFFOLD_SAVE_S seconds (a checkpoint save) and exit SCAFFOLD_EXIT (3 = "checkpoint saved, requeue
+# me"); on a restart exit 0 at once.
 SCAFFOLD_WAIT_FOR_SIGNAL = """\
 import json, os, signal, sys, time
 got = []
@@ -46,7 +47,10 @@ if restart > 0:
 deadline = time.time() + 60
 while not got and time.time() < deadline:
     time.sleep(0.05)
-sys.exit(int(os.environ.get("SCAFFOLD_EXIT", "3")) if got else 1)
+time.sleep(float(os.environ.get("SCAFFOLD_SAVE_S", "0")))
+code = int(os.environ.get("SCAFFOLD_EXIT", "3")) if got else 1
+print(f"rank {os.environ['RANK']} exits {code}", flush=True)
+sys.exit(code)
 """
 
 # CPU-node shape for the stage scripts' GPU headers: one task per node, no GPUs.
@@ -150,6 +154,25 @@ def test_time_limit_warning_signal_saves_and_requeues(slurm_1node, tmp_path):
     out = slurm_1node.output(job)
     assert "got SIGUSR1: forwarding" in out and "0: rank 0 got SIGUSR1" in out
     assert "restart 1 ready" in out and info["ExitCode"] == "0:0"
+
+
+@pytest.mark.slurm
+@pytest.mark.timeout(120)
+def test_preempted_job_saves_within_grace_time_and_requeues(slurm_1node, tmp_path):
+    # The harness's partition "urgent" preempts "test" (PreemptMode=REQUEUE, GraceTime=30 s, KillWait=3 s):
+    # Slurm sends SIGTERM to the steps only, and the ranks get the whole grace time to save.
+    script = scaffold(tmp_path, "scaffold_wait_for_signal.py", SCAFFOLD_WAIT_FOR_SIGNAL)
+    job = slurm_1node.submit(
+        REPO / "slurm/run.sh", [sys.executable, script], ["--cpus-per-task=2"], env={"SCAFFOLD_SAVE_S": "8"}
+    )
+    slurm_1node.wait_output(job, r"restart 0 ready", timeout=60)
+    urgent = scaffold(tmp_path, "urgent.sh", "#!/bin/sh\nsleep 1\n")
+    urgent_job = slurm_1node.submit(urgent, sbatch_args=["--partition=urgent", "--cpus-per-task=1"])
+    info = slurm_1node.wait(job, "COMPLETED", timeout=90, restarts=1)
+    out = slurm_1node.output(job)
+    assert "0: rank 0 got SIGTERM" in out and "0: rank 0 exits 3" in out  # 8 s after SIGTERM, > KillWait
+    assert "requeueing job" in out and "restart 1 ready" in out and info["ExitCode"] == "0:0"
+    assert slurm_1node.job(urgent_job)["JobState"] == "COMPLETED"
 
 
 @pytest.mark.slurm
