@@ -10,7 +10,11 @@ class LoRAConfig:
     r: int = 8
     alpha: int = 16
     dropout: float = 0.0
-    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
+    # Every projection: the tiny random LLM needs the capacity (on synthetic data, 1400 steps: CE 1.90
+    # vs 2.23 and mask IoU 0.21 vs 0.13 with q/v only). The 13B recipe sets q_proj, v_proj as LISA does.
+    target_modules: list[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    )
 
 
 @dataclass

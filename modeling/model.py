@@ -76,9 +76,10 @@ class SegCapModel(nn.Module):
             if k != len(m):
                 raise ValueError(f"sample {b}: {k} [SEG] tokens but {len(m)} masks")
         logits = self.decode_masks(out.hidden_states[-1], seg, image_embeddings)
-        targets = torch.cat([m for m in gt_masks]).to(logits.device) if sum(counts) else None
+        has_seg = sum(counts) > 0
+        targets = torch.cat(list(gt_masks)).to(logits.device) if has_seg else None
         loss, terms = segcap_loss(ce, logits, targets, self.cfg.loss)
-        pred = logits.detach() if sum(counts) else logits.detach()[:0]
+        pred = logits.detach() if has_seg else logits.detach()[:0]  # drop the dummy
         return ModelOutput(loss=loss, terms=terms, pred_masks=list(pred.split(counts)))
 
     def embed(self, input_ids: torch.Tensor, image_features: torch.Tensor) -> torch.Tensor:
@@ -147,7 +148,7 @@ class SegCapModel(nn.Module):
         seg = (ids == self.seg_token_id) & (positions >= starts[:, None]) & (positions < ends[:, None])
         logits = self.decode_masks(out.hidden_states[-1], seg, image_embeddings)
         counts = seg.sum(1).tolist()
-        masks = (logits > 0) if sum(counts) else (logits > 0)[:0]
+        masks = (logits > 0) if sum(counts) else (logits > 0)[:0]  # drop the dummy
         return [
             Prediction(text=self.tokenizer.decode(a.tolist(), skip_special_tokens=False), token_ids=a.cpu(), masks=m, seg_count=k)
             for a, m, k in zip(answers, masks.split(counts), counts)

