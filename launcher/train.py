@@ -131,6 +131,7 @@ def train(cfg: RunConfig) -> int:
             why = f"signal {stop.signum}" if stop.signum is not None else "time budget"
             log0(info, f"stopping at step {step} ({why}); checkpoint saved, exit {EXIT_REQUEUE} to requeue")
             tracker.finish("KILLED")
+            dist.barrier()  # leave together: a launcher may kill the others once one rank exits
             return EXIT_REQUEUE
 
     evaluator.run(engine.module, step=step)

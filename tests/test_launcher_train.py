@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from launcher.checkpoint import latest_complete
 from launcher.dist import free_port
 
 REPO = Path(__file__).resolve().parent.parent
@@ -45,12 +46,47 @@ def overrides(shards: Path, run_dir: Path, *extra: str) -> list[str]:
     ]
 
 
-def torchrun(args: list[str], timeout: float = 240, nproc: int = 2) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-           f"--master_port={free_port()}", "-m", "launcher", "train", "--config", "configs/train/tiny.yaml", *args]
+def _env() -> dict:
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "TRITON_INTERPRET": "1"}
     env.pop("MLFLOW_RUN_ID", None)
-    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    return env
+
+
+def _train_cmd(args: list[str]) -> list[str]:
+    return [sys.executable, "-m", "launcher", "train", "--config", "configs/train/tiny.yaml", *args]
+
+
+def torchrun(args: list[str], timeout: float = 240, nproc: int = 2) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={free_port()}",
+           *_train_cmd(args)[1:]]
+    return subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=timeout)
+
+
+def start_ranks(args: list[str], world_size: int = 2) -> list[subprocess.Popen]:
+    """One process per rank with RANK/WORLD_SIZE set, as `srun` one-task-per-GPU launches them
+    (torchrun would turn a rank's exit code 3 into its own failure code)."""
+    port = str(free_port())
+    procs = []
+    for rank in range(world_size):
+        env = {**_env(), "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world_size),
+               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port}
+        procs.append(subprocess.Popen(_train_cmd(args), cwd=REPO, env=env, stdout=subprocess.PIPE,
+                                      stderr=subprocess.STDOUT, text=True))
+    return procs
+
+
+def wait_ranks(procs: list[subprocess.Popen], timeout: float = 240) -> tuple[list[int], str]:
+    outs, codes = [], []
+    try:
+        for p in procs:
+            out, _ = p.communicate(timeout=timeout)
+            outs.append(out)
+            codes.append(p.returncode)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    return codes, "\n".join(o[-3000:] for o in outs)
 
 
 def losses(run_dir: Path) -> dict[int, float]:
@@ -68,16 +104,16 @@ def uninterrupted(shards, tmp_path_factory):
 
 def test_resumed_run_reproduces_uninterrupted_losses(shards, uninterrupted, tmp_path):
     run_dir = tmp_path / "resumed"
-    first = torchrun(overrides(shards, run_dir, "train.time_budget_s=0.001"))
-    assert first.returncode == 3, first.stdout[-3000:] + first.stderr[-3000:]
+    codes, out = wait_ranks(start_ranks(overrides(shards, run_dir, "train.time_budget_s=0.001")))
+    assert codes == [3, 3], out  # both ranks stop at the same step with "requeue me"
     assert sorted(losses(run_dir)) == [1]
     assert (run_dir / "checkpoints" / "step_00000001" / "COMPLETE").is_file()
 
-    second = torchrun(overrides(shards, run_dir))
-    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
-    assert "resumed from" in second.stdout
+    codes, out = wait_ranks(start_ranks(overrides(shards, run_dir)))
+    assert codes == [0, 0], out
+    steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, STEPS + 1))  # resumed at 2: no step lost or repeated
     got, want = losses(run_dir), losses(uninterrupted)
-    assert sorted(got) == list(range(1, STEPS + 1))  # no step lost or repeated
     for step in want:
         assert got[step] == pytest.approx(want[step], rel=1e-5, abs=1e-6), step
 
@@ -118,32 +154,19 @@ def test_mlflow_run_holds_params_and_metrics_at_steps(uninterrupted):
     assert {"config", "eval"} <= artifacts
 
 
-def test_sigusr1_saves_and_exits_for_requeue(shards, tmp_path):
-    """A signal mid-run: every rank stops at the same step boundary with a complete checkpoint."""
+def test_sigusr1_to_one_rank_stops_all_with_a_checkpoint(shards, tmp_path):
+    """A signal mid-run to one rank: every rank stops at the same step boundary, checkpoint complete."""
     run_dir = tmp_path / "signalled"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
-           "-m", "launcher", "train", "--config", "configs/train/tiny.yaml",
-           *overrides(shards, run_dir, "train.steps=1000")]
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
+    procs = start_ranks(overrides(shards, run_dir, "train.steps=1000"))
     try:
         deadline = time.time() + 180
         while time.time() < deadline and not (run_dir / "metrics.jsonl").exists():
             time.sleep(0.5)
         assert (run_dir / "metrics.jsonl").exists(), "training never logged a step"
-        # Signal the ranks themselves (as `srun` does with one task per rank); torchrun's agent
-        # would die of an unhandled USR1 itself.
-        import psutil
-
-        ranks = [c for c in psutil.Process(proc.pid).children() if "launcher" in " ".join(c.cmdline())]
-        assert len(ranks) == 2
-        ranks[-1].send_signal(signal.SIGUSR1)  # one rank only: the others must agree to stop with it
-        out, _ = proc.communicate(timeout=120)
+        procs[1].send_signal(signal.SIGUSR1)
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-    assert proc.returncode == 3, out[-3000:]
+        codes, out = wait_ranks(procs, timeout=180)
+    assert codes == [3, 3], out
     stopped_at = max(losses(run_dir))
     assert stopped_at < 1000
-    assert (run_dir / "checkpoints" / f"step_{stopped_at:08d}" / "COMPLETE").is_file()
+    assert latest_complete(run_dir / "checkpoints").name == f"step_{stopped_at:08d}"
