@@ -95,7 +95,7 @@ segcap_launch() {
     # Rank 0 leaves this file when it exits 3. The ranks report 3 to srun as 0: the first rank to exit
     # with a non-zero code would make --kill-on-bad-exit SIGTERM the others while they are still
     # shutting down, and srun would then return 143 instead of 3.
-    export SEGCAP_REQUEUE_FLAG="${SEGCAP_STATE_DIR:-$SEGCAP_REPO/slurm/logs}/.requeue-${SLURM_JOB_ID}"
+    export SEGCAP_REQUEUE_FLAG="${SEGCAP_STATE_DIR:-$SEGCAP_REPO/slurm/logs}/.requeue-${SLURM_CLUSTER_NAME:-}-${SLURM_JOB_ID}"
     mkdir -p "$(dirname "$SEGCAP_REQUEUE_FLAG")"
     rm -f "$SEGCAP_REQUEUE_FLAG"
     segcap_log "srun ${srun_args[*]} $*"

@@ -94,7 +94,7 @@ class SlurmCluster:
         try:
             self.tmp = Path(tempfile.mkdtemp(prefix=f"{MARK}-{self.num_nodes}n-"))
             self.tmp.chmod(0o755)  # munged wants its socket's directories searchable by all
-            for d in ("etc", "munge", "ctld", "spool", "run", "log", "jobs"):
+            for d in ("etc", "munge", "ctld", "spool", "run", "log", "jobs", "state"):
                 (self.tmp / d).mkdir()
             self._save_state()
             if self.num_nodes == 1:
@@ -128,6 +128,7 @@ class SlurmCluster:
             PATH=_sbin_path(),
             SLURM_CONF=str(self.tmp / "etc" / "slurm.conf"),
             SEGCAP_PYTHON=sys.executable,
+            SEGCAP_STATE_DIR=str(self.tmp / "state"),  # requeue flags: not in the repo's slurm/logs
             PYTHONUNBUFFERED="1",
             DS_ACCELERATOR="cpu",
             OMP_NUM_THREADS="1",
