@@ -33,6 +33,15 @@ def _build(cfg=None):
     tok = tiny_tokenizer()
     old_len = len(tok)
     model = build_model(cfg or tiny_config(), tok, dschf=dschf)
+    # transformers built LLM, CLIP and SAM under deepspeed.zero.Init: already partitioned here (except
+    # the resized embed_tokens/lm_head, which transformers recreates as plain parameters by design;
+    # deepspeed.initialize partitions them with our own new modules)
+    built = [
+        model.llm.get_base_model().model.norm.weight,
+        model.vision.clip.embeddings.patch_embedding.weight,
+        model.segmenter.sam.vision_encoder.patch_embed.projection.weight,
+    ]
+    model.built_under_zero_init = all(hasattr(p, "ds_id") for p in built)
     engine, *_ = deepspeed.initialize(model=model, model_parameters=model.trainable_parameters(), config=ds_config())
     return engine, model, tok, old_len, dschf
 
@@ -64,7 +73,7 @@ def _new_token_job():
     return {
         "old_len": old_len,
         "ids": [tok.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS],
-        "partitioned": emb.base.weight.numel() == 0 and emb.rows.numel() == 0,
+        "partitioned": model.built_under_zero_init and emb.base.weight.numel() == 0 and emb.rows.numel() == 0,
         "before": before,
         "after": after,
         "merged": merged,
