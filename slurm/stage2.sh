@@ -16,9 +16,10 @@
 #SBATCH --output=slurm/logs/%x-%j.out
 set -euo pipefail
 # sbatch runs a copy of this script from its spool dir: find the repo from where sbatch was called.
-for SEGCAP_REPO in "${SEGCAP_REPO:-}" "${SLURM_SUBMIT_DIR:-}" "$(dirname "${BASH_SOURCE[0]}")/.."; do
+for SEGCAP_REPO in "${SEGCAP_REPO:-}" "${SLURM_SUBMIT_DIR:-}" "$(dirname "${BASH_SOURCE[0]}")/.." ""; do
     [[ -f "$SEGCAP_REPO/slurm/common.sh" ]] && break
 done
+[[ -n "$SEGCAP_REPO" ]] || { echo "slurm/common.sh not found: sbatch from the repo root or export SEGCAP_REPO" >&2; exit 2; }
 # shellcheck source=slurm/common.sh
 source "$SEGCAP_REPO/slurm/common.sh"
 segcap_setup
