@@ -1,4 +1,4 @@
-"""`python -m launcher <verb>`: train, demo, data.
+"""`python -m launcher <verb>`: train, eval, demo, data.
 
 Config errors are reported as one line naming the key, before any worker starts work.
 """
@@ -18,6 +18,10 @@ def main(argv: list[str] | None = None) -> int:
     p = verbs.add_parser("train", help="train with a config (single process, torchrun or srun)")
     p.add_argument("--config", required=True, help="configs/train/<name>.yaml")
     p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.steps=10")
+
+    p = verbs.add_parser("eval", help="score the latest complete checkpoint of train.output_dir")
+    p.add_argument("--config", required=True)
+    p.add_argument("overrides", nargs="*")
 
     p = verbs.add_parser("demo", help="synthetic shards -> 2-rank ZeRO-3 CPU training -> eval -> MLflow")
     p.add_argument("--config", default="configs/train/demo.yaml")
@@ -39,6 +43,10 @@ def main(argv: list[str] | None = None) -> int:
             from launcher.train import train
 
             return train(load_config(args.config, args.overrides))
+        if args.verb == "eval":
+            from launcher.evaluate import evaluate_checkpoint
+
+            return evaluate_checkpoint(load_config(args.config, args.overrides))
         if args.verb == "demo":
             from launcher.demo import demo
 

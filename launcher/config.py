@@ -50,6 +50,9 @@ class TrainConfig:
     resume: bool = True  # continue from the latest complete checkpoint in output_dir
     time_budget_s: float = 0.0  # > 0: save and stop cleanly after this many seconds
     zero_stage: int = 3
+    # Parameters smaller than this stay whole on every rank under ZeRO-3 (DeepSpeed's default 1e5);
+    # the tiny configs set 0 so that every parameter really is partitioned.
+    zero3_persistence_threshold: int = 100000
     precision: str = "fp32"  # fp32 | bf16 | fp16
     deepspeed_config: str = "configs/deepspeed/zero3.json"
 
@@ -85,7 +88,7 @@ class RunConfig:
 
 # Closed sets of string values, checked after the types: (dataclass, field) -> choices.
 CHOICES: dict[tuple[type, str], tuple[str, ...]] = {
-    (LLMConfig, "train_mode"): ("lora", "frozen"),
+    (LLMConfig, "train_mode"): ("lora", "full", "frozen"),
     (LLMConfig, "attn_implementation"): ("auto", "sdpa", "eager", "flash_attention_2"),
     (LLMConfig, "chat_template"): ("vicuna_v1",),
     (MaskDecoderConfig, "kind"): ("sam",),

@@ -36,6 +36,7 @@ def render_ds_config(cfg: RunConfig, info: DistInfo) -> dict[str, Any]:
         "bf16.enabled": cfg.train.precision == "bf16",
         "fp16.enabled": cfg.train.precision == "fp16",
         "zero_optimization.stage": cfg.train.zero_stage,
+        "zero_optimization.stage3_param_persistence_threshold": cfg.train.zero3_persistence_threshold,
     }
     _fill(ds, auto)
     return ds
@@ -88,3 +89,24 @@ def build_engine(model: torch.nn.Module, params: list[torch.nn.Parameter], cfg: 
         model=model, model_parameters=params, config=ds_config, lr_scheduler=schedule
     )
     return engine
+
+
+def build_run(cfg: RunConfig, ds_config: dict):
+    """Tokenizer, model and DeepSpeed engine of a run (training and evaluation build them alike).
+
+    transformers' HfDeepSpeedConfig must be alive while the model is built: the LLM is then created
+    under deepspeed.zero.Init, so a 13B model is partitioned as it loads instead of whole on every rank.
+    """
+    from launcher.tokenizer import make_tokenizer
+    from modeling import build_model
+
+    dschf = None
+    if cfg.train.zero_stage == 3:
+        from transformers.integrations import HfDeepSpeedConfig
+
+        dschf = HfDeepSpeedConfig(ds_config)
+    tokenizer = make_tokenizer(cfg.model.llm)
+    model = build_model(cfg.model, tokenizer, dschf=dschf)
+    engine = build_engine(model, model.trainable_parameters(), cfg, ds_config)
+    engine.hf_deepspeed_config = dschf  # transformers holds it weakly: keep it for the run's lifetime
+    return tokenizer, model, engine

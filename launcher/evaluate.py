@@ -218,3 +218,33 @@ def draw_overlay(sam_pixels: torch.Tensor, size: torch.Tensor, gt: torch.Tensor,
 def _wrap(text: str, width: int) -> str:
     text = text or ""
     return "\n".join(text[i : i + width] for i in range(0, min(len(text), 2 * width), width))
+
+
+def evaluate_checkpoint(cfg: RunConfig) -> int:
+    """`python -m launcher eval`: score the latest complete checkpoint of train.output_dir on the val
+    sources, logged into that run's MLflow run at the checkpoint's step."""
+    from launcher import checkpoint
+    from launcher.engine import build_run, render_ds_config
+    from launcher.tracking import run_tags
+
+    info = dist.identity()
+    dist.init(info)
+    run_dir = Path(cfg.train.output_dir)
+    ckpt = checkpoint.latest_complete(run_dir / "checkpoints")
+    if ckpt is None:
+        raise FileNotFoundError(f"no complete checkpoint under {run_dir / 'checkpoints'}")
+    tokenizer, model, engine = build_run(cfg, render_ds_config(cfg, info))
+    state = checkpoint.load(engine, ckpt, info)
+    tracker = Tracker(cfg.tracking, run_dir, active=info.is_main)
+    if state.get("mlflow_run_id") and tracker.active:
+        tracker.attach(state["mlflow_run_id"])
+    else:
+        tracker.start(None, {}, {**run_tags(info.world_size), "kind": "eval", "checkpoint": str(ckpt)})
+    evaluator = Evaluator(cfg, tokenizer, info, run_dir, tracker, num_image_tokens=model.num_image_tokens)
+    evaluator.run(engine.module, step=state["step"], prefix="eval")
+    if tracker.active:
+        import mlflow
+
+        mlflow.flush_async_logging()
+    dist.barrier()
+    return 0

@@ -19,7 +19,7 @@ import yaml
 
 from launcher import checkpoint, dist
 from launcher.config import RunConfig, flatten, to_dict
-from launcher.engine import build_engine, render_ds_config
+from launcher.engine import build_run, render_ds_config
 from launcher.tracking import Tracker, run_tags
 
 EXIT_OK = 0
@@ -41,8 +41,6 @@ class StopRequest:
 def train(cfg: RunConfig) -> int:
     from datapipes.loader import build_train_loader
     from launcher.evaluate import Evaluator
-    from launcher.tokenizer import make_tokenizer
-    from modeling import build_model
 
     t_start = time.time()
     info = dist.identity()
@@ -53,17 +51,8 @@ def train(cfg: RunConfig) -> int:
     run_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.train.seed + info.rank)
 
-    # --- model and engine. HfDeepSpeedConfig must be alive while the model is built: transformers
-    # then creates the LLM under deepspeed.zero.Init, so a 13B model is partitioned as it loads.
     ds_config = render_ds_config(cfg, info)
-    dschf = None
-    if cfg.train.zero_stage == 3:
-        from transformers.integrations import HfDeepSpeedConfig
-
-        dschf = HfDeepSpeedConfig(ds_config)  # noqa: F841 (kept alive on purpose)
-    tokenizer = make_tokenizer(cfg.model.llm)
-    model = build_model(cfg.model, tokenizer, dschf=dschf)
-    engine = build_engine(model, model.trainable_parameters(), cfg, ds_config)
+    tokenizer, model, engine = build_run(cfg, ds_config)
 
     # --- resume
     start_step, run_id = 0, None

@@ -33,8 +33,8 @@ def build_model(cfg: ModelConfig, tokenizer, dschf=None) -> SegCapModel:
         if cfg.llm.train_mode == "lora":
             torch.manual_seed(cfg.init_seed + 1)
             llm = apply_lora(llm, cfg.llm.lora)
-        elif cfg.llm.train_mode != "frozen":
-            raise ValueError(f"model.llm.train_mode: {cfg.llm.train_mode!r} (lora | frozen)")
+        elif cfg.llm.train_mode not in ("frozen", "full"):
+            raise ValueError(f"model.llm.train_mode: {cfg.llm.train_mode!r} (lora | full | frozen)")
         torch.manual_seed(cfg.init_seed + 2)
         vision = VisionTower(cfg.vision, llm.config.hidden_size, dtype)
         torch.manual_seed(cfg.init_seed + 3)
@@ -55,6 +55,8 @@ def _set_trainable(model: SegCapModel, cfg: ModelConfig) -> None:
                 p.requires_grad_(True)
         model.llm.get_input_embeddings().rows.requires_grad_(True)
         model.llm.get_output_embeddings().rows.requires_grad_(True)
+    if cfg.llm.train_mode == "full":  # random-init tiny LLMs only: there is nothing to preserve
+        model.llm.requires_grad_(True)
     if not cfg.vision.freeze:
         model.vision.clip.requires_grad_(True)
     if cfg.mask_decoder.train:

@@ -33,7 +33,8 @@ class LLMConfig:
     num_kv_heads: int = 4
     intermediate_size: int = 256
     max_position_embeddings: int = 512
-    # "lora": LoRA adapters + the new token rows train; "frozen": nothing in the LLM trains (stage 1).
+    # "lora": LoRA adapters + the new token rows train; "frozen": nothing in the LLM trains (stage 1);
+    # "full": every LLM weight trains (for random-init tiny models, which have nothing to preserve).
     train_mode: str = "lora"
     lora: LoRAConfig = field(default_factory=LoRAConfig)
     # "auto": flash_attention_2 when installed and on CUDA, else sdpa.

@@ -52,8 +52,8 @@ def _env() -> dict:
     return env
 
 
-def _train_cmd(args: list[str]) -> list[str]:
-    return [sys.executable, "-m", "launcher", "train", "--config", "configs/train/tiny.yaml", *args]
+def _train_cmd(args: list[str], verb: str = "train") -> list[str]:
+    return [sys.executable, "-m", "launcher", verb, "--config", "configs/train/tiny.yaml", *args]
 
 
 def torchrun(args: list[str], timeout: float = 240, nproc: int = 2) -> subprocess.CompletedProcess:
@@ -62,7 +62,7 @@ def torchrun(args: list[str], timeout: float = 240, nproc: int = 2) -> subproces
     return subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=timeout)
 
 
-def start_ranks(args: list[str], world_size: int = 2) -> list[subprocess.Popen]:
+def start_ranks(args: list[str], world_size: int = 2, verb: str = "train") -> list[subprocess.Popen]:
     """One process per rank with RANK/WORLD_SIZE set, as `srun` one-task-per-GPU launches them
     (torchrun would turn a rank's exit code 3 into its own failure code)."""
     port = str(free_port())
@@ -70,7 +70,7 @@ def start_ranks(args: list[str], world_size: int = 2) -> list[subprocess.Popen]:
     for rank in range(world_size):
         env = {**_env(), "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world_size),
                "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port}
-        procs.append(subprocess.Popen(_train_cmd(args), cwd=REPO, env=env, stdout=subprocess.PIPE,
+        procs.append(subprocess.Popen(_train_cmd(args, verb), cwd=REPO, env=env, stdout=subprocess.PIPE,
                                       stderr=subprocess.STDOUT, text=True))
     return procs
 
@@ -129,6 +129,16 @@ def test_checkpoint_excludes_frozen_weights(uninterrupted):
     sd = torch.load(states[0], map_location="cpu", weights_only=False)
     names = list(sd.get("module") or {}) + list(sd.get("param_shapes", [{}])[0] if sd.get("param_shapes") else [])
     assert not any("pixel_encoder" in n or "vision_tower" in n for n in names), names[:20]
+
+
+def test_eval_verb_reproduces_the_final_eval_from_the_checkpoint(shards, uninterrupted):
+    """Scoring the saved checkpoint in fresh processes gives the metrics the run got at its end."""
+    codes, out = wait_ranks(start_ranks(overrides(shards, uninterrupted), verb="eval"))
+    assert codes == [0, 0], out
+    at_end = json.loads((uninterrupted / f"eval_val_step{STEPS:08d}.json").read_text())
+    again = json.loads((uninterrupted / f"eval_eval_step{STEPS:08d}.json").read_text())
+    assert {k.split("/", 1)[1]: v for k, v in again.items()} == {k.split("/", 1)[1]: v for k, v in at_end.items()}
+    assert at_end["val/all/n"] == 12
 
 
 def test_mlflow_run_holds_params_and_metrics_at_steps(uninterrupted):
