@@ -165,7 +165,8 @@ class Evaluator:
                 gt = valid_region(gt_i.bool().any(0) if len(gt_i) else torch.zeros_like(pred), size)
                 tally.add(batch.tasks[i], pred, gt)
                 if self.info.is_main and len(overlays) < self.cfg.eval.num_overlays:
-                    overlays.append((batch.sam_pixels[i], size, gt, pred, batch.keys[i], texts[i], batch.tasks[i]))
+                    caption = f"Q: {self._question(batch.prompt_ids[i])}\nA: {texts[i]}"
+                    overlays.append((batch.sam_pixels[i], size, gt, pred, batch.keys[i], caption, batch.tasks[i]))
         tasks = sorted(self._all_tasks(tally))
         tally.reduce(tasks, self.info.device)
         metrics = tally.metrics(prefix)
@@ -178,11 +179,19 @@ class Evaluator:
                 folder = self.run_dir / "overlays" / f"{prefix}_step{step:08d}"
                 for j, ov in enumerate(overlays):
                     path = folder / f"{j:02d}_{ov[6]}.png"
-                    draw_overlay(*ov[:4], caption=f"{ov[4]} [{ov[6]}]: {ov[5]}").save(_mkparent(path))
+                    draw_overlay(*ov[:4], caption=f"{ov[4]} [{ov[6]}]\n{ov[5]}").save(_mkparent(path))
                     self.tracker.log_artifact(path, f"overlays/{prefix}_step{step:08d}")
             summary = " ".join(f"{k.split('/', 1)[1]}={v:.3f}" for k, v in metrics.items() if k.endswith("IoU") or k.endswith("acc"))
             print(f"[segcap] eval {prefix} step {step}: {summary}", flush=True)
         return metrics
+
+    def _question(self, prompt_ids: torch.Tensor) -> str:
+        """The user's words of a prompt: no system text, no image placeholders, no role tags."""
+        image_id = self.tokenizer.convert_tokens_to_ids("<image>")
+        text = self.tokenizer.decode([t for t in prompt_ids.tolist() if t != image_id], skip_special_tokens=False)
+        text = text.replace(" :", ":")  # word-level tokenizers decode "USER:" as "USER :"
+        text = text.rsplit("USER:", 1)[-1]
+        return text.split("ASSISTANT:", 1)[0].strip()
 
     def _all_tasks(self, tally: Tally) -> set[str]:
         """The union of task names seen on any rank (ranks must reduce the same vector)."""
@@ -209,15 +218,17 @@ def draw_overlay(sam_pixels: torch.Tensor, size: torch.Tensor, gt: torch.Tensor,
     edge = g & ~(np.roll(g, 1, 0) & np.roll(g, -1, 0) & np.roll(g, 1, 1) & np.roll(g, -1, 1))
     img[edge] = [0, 255, 0]
     pic = Image.fromarray(img.astype(np.uint8)).resize((w * scale, h * scale), Image.NEAREST)
-    canvas = Image.new("RGB", (max(w * scale, 320), h * scale + 40), "white")
+    canvas = Image.new("RGB", (max(w * scale, 320), h * scale + 80), "white")
     canvas.paste(pic, (0, 0))
     ImageDraw.Draw(canvas).text((2, h * scale + 2), _wrap(caption, 60), fill="black")
     return canvas
 
 
-def _wrap(text: str, width: int) -> str:
-    text = text or ""
-    return "\n".join(text[i : i + width] for i in range(0, min(len(text), 2 * width), width))
+def _wrap(text: str, width: int, max_lines: int = 6) -> str:
+    lines = []
+    for para in (text or "").split("\n"):
+        lines += [para[i : i + width] for i in range(0, max(len(para), 1), width)]
+    return "\n".join(lines[:max_lines])
 
 
 def evaluate_checkpoint(cfg: RunConfig) -> int:
