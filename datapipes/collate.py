@@ -25,10 +25,15 @@ class Example:
     key: str
     task: str
     image: Image.Image  # RGB
-    masks: np.ndarray  # (k, h, w) uint8, k = number of [SEG]
+    masks: np.ndarray  # (k, h, w) uint8, k = number of [SEG]; zeros for a box-only [SEG]
     tokens: Tokens
     extra: dict
     is_padding: bool = False
+    # Target instances (n >= k): one per [SEG] unless a [SEG] stands for several (MaskAnn.instances).
+    boxes: np.ndarray | None = None  # (n, 4) float x, y, w, h in image pixels (used for box-only ones); None: no box-only
+    owner: np.ndarray | None = None  # (n,) int: the [SEG] of each instance; None: arange(k)
+    has_mask: np.ndarray | None = None  # (n,) bool: False for box-only; None: all True
+    instance_masks: np.ndarray | None = None  # (n, h, w) uint8; None: `masks` (one instance per [SEG])
 
 
 @dataclass
@@ -38,7 +43,7 @@ class Batch:
     labels: torch.Tensor  # (B, T) long, -100 on user turns, image tokens and padding
     clip_pixels: torch.Tensor  # (B, 3, Hc, Wc) float
     sam_pixels: torch.Tensor  # (B, 3, S, S) float
-    gt_masks: list[torch.Tensor]  # B x (k_i, S, S) uint8
+    gt_masks: list[torch.Tensor]  # B x (k_i, S, S) uint8: each [SEG]'s target (union of its instances)
     image_sizes: torch.Tensor  # (B, 2) long: (h, w) of the image inside the S x S frame
     tasks: list[str]
     keys: list[str]
@@ -46,10 +51,16 @@ class Batch:
     prompt_ids: list[torch.Tensor]  # B x (P_i,) long
     is_padding: torch.Tensor  # (B,) bool
     skipped: dict[str, int] = field(default_factory=dict)  # bad samples by reason since the worker's last batch
+    # Target instances, n_i >= k_i per sample (docs/INTERFACES.md):
+    gt_boxes: list[torch.Tensor] = field(default_factory=list)  # B x (n_i, 4) float: normalised cx, cy, w, h in the S x S frame
+    gt_owner: list[torch.Tensor] = field(default_factory=list)  # B x (n_i,) long: the [SEG] (0..k_i-1) of each instance
+    has_mask: list[torch.Tensor] = field(default_factory=list)  # B x (n_i,) bool: False for box-only instances
+    gt_instance_masks: list[torch.Tensor] = field(default_factory=list)  # B x (n_i, S, S) uint8 (gt_masks[i] itself when n_i == k_i)
 
     def model_inputs(self) -> dict:
-        """The kwargs of SegCapModel.forward."""
-        return {
+        """The kwargs of SegCapModel.forward. The instance-level targets are added only when a sample has
+        box-only or several-instance targets: otherwise the model derives the same from gt_masks."""
+        inputs = {
             "input_ids": self.input_ids,
             "attention_mask": self.attention_mask,
             "labels": self.labels,
@@ -57,6 +68,9 @@ class Batch:
             "sam_pixels": self.sam_pixels,
             "gt_masks": self.gt_masks,
         }
+        if any(not h.all() or len(h) != len(m) for h, m in zip(self.has_mask, self.gt_masks)):
+            inputs.update(gt_boxes=self.gt_boxes, gt_owner=self.gt_owner, has_mask=self.has_mask, gt_instance_masks=self.gt_instance_masks)
+        return inputs
 
     def to(self, device) -> "Batch":
         return replace(
@@ -68,6 +82,10 @@ class Batch:
             sam_pixels=self.sam_pixels.to(device),
             gt_masks=[m.to(device) for m in self.gt_masks],
             prompt_ids=[p.to(device) for p in self.prompt_ids],
+            gt_boxes=[b.to(device) for b in self.gt_boxes],
+            gt_owner=[o.to(device) for o in self.gt_owner],
+            has_mask=[h.to(device) for h in self.has_mask],
+            gt_instance_masks=[m.to(device) for m in self.gt_instance_masks],
         )
 
     def __len__(self) -> int:
@@ -110,12 +128,34 @@ def sam_masks(masks: np.ndarray, hw: tuple[int, int], size: int) -> torch.Tensor
     return out
 
 
+def sam_boxes(boxes: np.ndarray, image_hw: tuple[int, int], hw: tuple[int, int], size: int) -> torch.Tensor:
+    """(n, 4) x, y, w, h in image pixels -> normalised cx, cy, w, h of the padded S x S frame."""
+    b = torch.as_tensor(np.asarray(boxes, dtype=np.float32).reshape(-1, 4))
+    sy, sx = hw[0] / image_hw[0], hw[1] / image_hw[1]
+    x, y, w, h = b.unbind(1)
+    return torch.stack([(x + w / 2) * sx, (y + h / 2) * sy, w * sx, h * sy], dim=1) / size
+
+
+def mask_boxes(masks: torch.Tensor) -> torch.Tensor:
+    """(n, S, S) masks in the frame -> their tight boxes (pixel edges) as normalised cx, cy, w, h
+    (what the model derives itself when it gets no boxes); an empty mask gives zeros."""
+    size = masks.shape[-1]
+    out = torch.zeros(len(masks), 4)
+    for i, m in enumerate(masks):
+        ys, xs = m.any(1).nonzero()[:, 0], m.any(0).nonzero()[:, 0]
+        if len(ys):
+            x0, y0, x1, y1 = float(xs[0]), float(ys[0]), float(xs[-1] + 1), float(ys[-1] + 1)
+            out[i] = torch.tensor([(x0 + x1) / 2, (y0 + y1) / 2, x1 - x0, y1 - y0]) / size
+    return out
+
+
 def collate(examples: list[Example], *, pad_id: int, clip_size: int, sam_size: int, skipped: dict[str, int] | None = None) -> Batch:
     n, t = len(examples), max(len(e.tokens.input_ids) for e in examples)
     input_ids = torch.full((n, t), pad_id, dtype=torch.long)
     attention = torch.zeros((n, t), dtype=torch.long)
     labels = torch.full((n, t), IGNORE_INDEX, dtype=torch.long)
     clips, sams, gts, sizes = [], [], [], []
+    boxes, owners, has_mask, inst_masks = [], [], [], []
     for i, e in enumerate(examples):
         k = len(e.tokens.input_ids)
         input_ids[i, :k] = torch.tensor(e.tokens.input_ids)
@@ -126,6 +166,16 @@ def collate(examples: list[Example], *, pad_id: int, clip_size: int, sam_size: i
         sams.append(pix)
         gts.append(sam_masks(e.masks, hw, sam_size))
         sizes.append(hw)
+        inst_masks.append(gts[-1] if e.instance_masks is None else sam_masks(e.instance_masks, hw, sam_size))
+        k = len(inst_masks[-1])
+        flags = torch.ones(k, dtype=torch.bool) if e.has_mask is None else torch.as_tensor(e.has_mask, dtype=torch.bool)
+        # boxes of instances with a mask: the resized mask's own; box-only ones: the annotation's, scaled
+        box = mask_boxes(inst_masks[-1])
+        if not flags.all():
+            box[~flags] = sam_boxes(e.boxes, (e.image.height, e.image.width), hw, sam_size)[~flags]
+        boxes.append(box)
+        owners.append(torch.arange(k) if e.owner is None else torch.as_tensor(e.owner, dtype=torch.long))
+        has_mask.append(flags)
     return Batch(
         input_ids=input_ids,
         attention_mask=attention,
@@ -140,4 +190,8 @@ def collate(examples: list[Example], *, pad_id: int, clip_size: int, sam_size: i
         prompt_ids=[torch.tensor(e.tokens.prompt_ids, dtype=torch.long) for e in examples],
         is_padding=torch.tensor([e.is_padding for e in examples], dtype=torch.bool),
         skipped=dict(skipped or {}),
+        gt_boxes=boxes,
+        gt_owner=owners,
+        has_mask=has_mask,
+        gt_instance_masks=inst_masks,
     )

@@ -107,12 +107,15 @@ class Decoder:
         h, w = sample.image_size
         if (image.height, image.width) != (h, w):
             raise BadSample("image", f"image is {image.height}x{image.width}, its JSON says {h}x{w}")
-        masks = np.stack([decode_mask(m.rle) for m in sample.masks]) if sample.masks else np.zeros((0, h, w), np.uint8)
+        masks = np.stack([_decode(m.rle, h, w) for m in sample.masks]) if sample.masks else np.zeros((0, h, w), np.uint8)
         tokens = tokenize_conversation(
             sample.conversation, self.tokenizer, image_id=self.image_id,
             num_image_tokens=self.num_image_tokens, max_length=self.max_length,
         )
-        return Example(raw["__key__"], sample.task, image, masks, tokens, sample.extra)
+        example = Example(raw["__key__"], sample.task, image, masks, tokens, sample.extra)
+        if any(m.rle is None or m.instances for m in sample.masks):  # box-only or set targets
+            _add_instances(example, sample, h, w)
+        return example
 
     def filler(self, size: int) -> Example:
         """A blank sample that keeps ranks in step; metrics ignore it (is_padding)."""
@@ -121,6 +124,23 @@ class Decoder:
                                        num_image_tokens=self.num_image_tokens, max_length=1 << 30)
         return Example("__padding__", "padding", Image.new("RGB", (size, size)), np.zeros((0, size, size), np.uint8),
                        tokens, {}, is_padding=True)
+
+
+def _decode(rle: dict | None, h: int, w: int) -> np.ndarray:
+    return decode_mask(rle) if rle is not None else np.zeros((h, w), np.uint8)
+
+
+def _add_instances(example: Example, sample: Sample, h: int, w: int) -> None:
+    """The instance-level targets of a sample whose [SEG]s are box-only or stand for several instances."""
+    regions, owner = [], []
+    for i, m in enumerate(sample.masks):
+        for r in m.instances or [{"rle": m.rle, "box": m.box}]:
+            regions.append(r)
+            owner.append(i)
+    example.boxes = np.array([r["box"] for r in regions], np.float32).reshape(-1, 4)
+    example.owner = np.array(owner, np.int64)
+    example.has_mask = np.array([r["rle"] is not None for r in regions], bool)
+    example.instance_masks = np.stack([_decode(r["rle"], h, w) for r in regions])
 
 
 class SkipCounter:

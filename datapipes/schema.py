@@ -22,6 +22,8 @@ TASKS = (
     "referring",
     "multi_referring",
     "empty_referring",
+    "box_referring",  # a referring expression annotated with a box only (RefCOCO/Objects365 boxes): rle is null
+    "group_referring",  # one [SEG] stands for every instance the expression names: masks[i].instances
     "panoptic_segcap",
     "finegrained_segcap",
     "caption",
@@ -46,9 +48,12 @@ class SchemaError(BadSample):
 
 @dataclass
 class MaskAnn:
-    rle: dict  # pycocotools compressed RLE: {"size": [h, w], "counts": str}
+    rle: dict | None  # pycocotools compressed RLE: {"size": [h, w], "counts": str}; None: box-only
     box: list[float]  # x, y, w, h in pixels
     phrase: str
+    # When one [SEG] stands for several instances: each {"rle": RLE or None, "box": [x, y, w, h]};
+    # `rle`/`box` above are then their union. Empty: the [SEG] is one instance, the mask itself.
+    instances: list[dict] = field(default_factory=list)
 
 
 @dataclass
@@ -70,7 +75,10 @@ class Sample:
     def from_dict(cls, d: dict) -> "Sample":
         """Validate `d` (raises SchemaError naming the problem) and build the Sample."""
         validate(d)
-        masks = [MaskAnn(rle=m["rle"], box=list(m["box"]), phrase=m["phrase"]) for m in d["masks"]]
+        masks = [
+            MaskAnn(rle=m["rle"], box=list(m["box"]), phrase=m["phrase"], instances=list(m.get("instances", [])))
+            for m in d["masks"]
+        ]
         return cls(d["task"], d["conversation"], masks, list(d["image_size"]), d["source"], d.get("extra", {}))
 
     @classmethod
@@ -93,6 +101,18 @@ def encode_mask(mask: np.ndarray) -> dict:
 def mask_ann(mask: np.ndarray, phrase: str) -> MaskAnn:
     rle = encode_mask(mask)
     return MaskAnn(rle=rle, box=[float(v) for v in mask_utils.toBbox(rle)], phrase=phrase)
+
+
+def box_ann(mask: np.ndarray, phrase: str) -> MaskAnn:
+    """A box-only annotation: the tight box of `mask`, no RLE (as detection data is annotated)."""
+    return MaskAnn(rle=None, box=mask_ann(mask, phrase).box, phrase=phrase)
+
+
+def group_ann(masks: list[np.ndarray], phrase: str) -> MaskAnn:
+    """One [SEG] for several instances: the union as the mask, each instance listed."""
+    union = mask_ann(np.logical_or.reduce(masks).astype(np.uint8), phrase)
+    union.instances = [{"rle": a.rle, "box": a.box} for a in (mask_ann(m, phrase) for m in masks)]
+    return union
 
 
 def decode_mask(rle: dict) -> np.ndarray:
@@ -176,14 +196,32 @@ def validate(d: dict) -> None:
         for key in ("rle", "box", "phrase"):
             if key not in m:
                 raise SchemaError(f"masks[{i}] is missing key {key!r}")
-        rle = m["rle"]
-        if not isinstance(rle, dict) or not isinstance(rle.get("counts"), str) or "size" not in rle:
-            raise SchemaError(f"masks[{i}].rle must be compressed RLE {{'size': [h, w], 'counts': str}}")
-        if list(rle["size"]) != list(size):
-            raise SchemaError(f"masks[{i}].rle size {list(rle['size'])} != image_size {list(size)}")
-        if not (isinstance(m["box"], (list, tuple)) and len(m["box"]) == 4):
-            raise SchemaError(f"masks[{i}].box must be [x, y, w, h]")
+        _check_region(m, f"masks[{i}]", size)
+        instances = m.get("instances", [])
+        if not isinstance(instances, list):
+            raise SchemaError(f"masks[{i}].instances must be a list")
+        for j, inst in enumerate(instances):
+            if not isinstance(inst, dict) or "rle" not in inst or "box" not in inst:
+                raise SchemaError(f"masks[{i}].instances[{j}] must be {{'rle': RLE or null, 'box': [x, y, w, h]}}")
+            _check_region(inst, f"masks[{i}].instances[{j}]", size)
+    if d["task"] == "box_referring" and any(m["rle"] is not None for m in masks):
+        raise SchemaError("box_referring sample carries an RLE mask")
     if d["task"] == "empty_referring" and masks:
         raise SchemaError("empty_referring sample carries masks")
     if not isinstance(d.get("extra", {}), dict):
         raise SchemaError("extra must be an object")
+
+
+def _check_region(m: dict, where: str, size) -> None:
+    """An annotation's rle (compressed RLE of the image size, or None for box-only) and its box."""
+    rle = m["rle"]
+    if rle is not None:
+        if not isinstance(rle, dict) or not isinstance(rle.get("counts"), str) or "size" not in rle:
+            raise SchemaError(f"{where}.rle must be compressed RLE {{'size': [h, w], 'counts': str}} or null")
+        if list(rle["size"]) != list(size):
+            raise SchemaError(f"{where}.rle size {list(rle['size'])} != image_size {list(size)}")
+    box = m["box"]
+    if not (isinstance(box, (list, tuple)) and len(box) == 4 and all(isinstance(v, (int, float)) for v in box)):
+        raise SchemaError(f"{where}.box must be [x, y, w, h]")
+    if rle is None and not (box[2] > 0 and box[3] > 0):
+        raise SchemaError(f"{where} is box-only (rle null) but its box {list(box)} is empty")

@@ -14,7 +14,7 @@ from transformers import PreTrainedTokenizerFast
 
 from datapipes import mgsc
 from datapipes.config import SyntheticConfig
-from datapipes.schema import IMAGE_TOKEN, Sample, encode_mask, mask_ann
+from datapipes.schema import IMAGE_TOKEN, Sample, box_ann, encode_mask, group_ann, mask_ann
 from datapipes.shards import write_shards
 
 COLOURS = {
@@ -46,6 +46,7 @@ REFER_PROMPTS = (
 )
 REFER_ANSWERS = ("Sure, {}.", "It is {}.")
 MULTI_PROMPTS = ("Please segment all the {}.", "Can you segment every one of the {} in this image?")
+GROUP_PROMPTS = ("Please segment the {}.", "Please find the {} and output the segmentation mask.")
 EMPTY_ANSWERS = ("There is no {} in the image.", "Sorry, there is no {} in this image.")
 
 SYSTEM = (
@@ -186,13 +187,13 @@ def make_sample(task: str, key: str, size: int, rng: random.Random) -> tuple[np.
     """One image and its sample for `task`; every random choice comes from `rng`."""
     colours, classes = list(COLOURS), list(CLASSES)
     query: dict = {}
-    if task in ("referring", "empty_referring"):
+    if task in ("referring", "empty_referring", "box_referring"):
         # The target (c, k) is identified only by both words: the scene holds c with another class
         # and k with another colour, and never a second (c, k).
         c, k = rng.choice(colours), rng.choice(classes)
         specs = [(_other(colours, c, rng), k), (c, _other(classes, k, rng))]
         specs += _random_specs(rng.randint(0, 1), rng, avoid=(c, k))
-        if task == "referring":
+        if task != "empty_referring":
             specs.append((c, k))
         rng.shuffle(specs)
         image, objects = render_scene(specs, size, rng)
@@ -213,7 +214,7 @@ def make_sample(task: str, key: str, size: int, rng: random.Random) -> tuple[np.
             conv = [_user(rng.choice(REFER_PROMPTS).format(ref)),
                     {"role": "assistant", "content": rng.choice(REFER_ANSWERS).format(mgsc.grounded(f"the {ref}"))}]
             query = {"colour": c, "class": k, "part": part}
-    elif task == "multi_referring":
+    elif task in ("multi_referring", "group_referring"):
         n = rng.randint(2, 3)
         if rng.random() < 0.5:
             c = rng.choice(colours)
@@ -228,8 +229,12 @@ def make_sample(task: str, key: str, size: int, rng: random.Random) -> tuple[np.
         rng.shuffle(specs)
         image, objects = render_scene(specs, size, rng)
         owned = [(f"the {o['colour']} {o['class']}", o["mask"]) for o in _left_to_right([o for o in objects if match(o)])]
-        answer = "Sure, " + mgsc.join([mgsc.grounded(p) for p, _ in owned]) + "."
-        conv = [_user(rng.choice(MULTI_PROMPTS).format(group)), {"role": "assistant", "content": answer}]
+        if task == "group_referring":  # one [SEG] for the whole set: its instances are matched as a set
+            answer = "Sure, " + mgsc.grounded(f"the {group}") + "."
+            conv = [_user(rng.choice(GROUP_PROMPTS).format(group)), {"role": "assistant", "content": answer}]
+        else:
+            answer = "Sure, " + mgsc.join([mgsc.grounded(p) for p, _ in owned]) + "."
+            conv = [_user(rng.choice(MULTI_PROMPTS).format(group)), {"role": "assistant", "content": answer}]
     elif task in ("panoptic_segcap", "finegrained_segcap"):
         specs = _random_specs(rng.randint(2, 4), rng)
         if task == "finegrained_segcap":
@@ -246,10 +251,16 @@ def make_sample(task: str, key: str, size: int, rng: random.Random) -> tuple[np.
         return image, rng.choice(pool)
     else:
         raise ValueError(f"unknown synthetic task {task!r}")
+    if task == "group_referring":
+        anns = [group_ann([m for _, m in owned], f"the {group}")]
+    elif task == "box_referring":  # the referring sample, annotated as detection data is: a box only
+        anns = [box_ann(m, p) for p, m in owned]
+    else:
+        anns = [mask_ann(m, p) for p, m in owned]
     sample = Sample(
         task=task,
         conversation=conv,
-        masks=[mask_ann(m, p) for p, m in owned],
+        masks=anns,
         image_size=[size, size],
         source={"dataset": "synthetic", "id": key},
         extra={"objects": _objects(objects), "query": query},
@@ -289,7 +300,7 @@ def write_synthetic(cfg: SyntheticConfig) -> tuple[str, str]:
 def vocabulary() -> list[str]:
     """Every word the synthetic data and the chat template can produce."""
     texts = [SYSTEM, "USER: ASSISTANT:", "Sure, the of objects a an its their with and several < > [ ] / \\"]
-    texts += [t.replace("{}", " ") for t in (*REFER_PROMPTS, *REFER_ANSWERS, *MULTI_PROMPTS, *EMPTY_ANSWERS)]
+    texts += [t.replace("{}", " ") for t in (*REFER_PROMPTS, *REFER_ANSWERS, *MULTI_PROMPTS, *GROUP_PROMPTS, *EMPTY_ANSWERS)]
     texts += [t.replace("{}", " ") for t in (*mgsc.PANOPTIC_PROMPTS, *mgsc.PANOPTIC_OPENERS)]
     texts += [t.replace("{}", " ") for t in (*mgsc.FINEGRAINED_PROMPTS, *mgsc.FINEGRAINED_OPENERS)]
     texts += list(mgsc.NUMBERS.values()) + list(COLOURS)

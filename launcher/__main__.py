@@ -1,4 +1,4 @@
-"""`python -m launcher <verb>`: train, eval, demo, data.
+"""`python -m launcher <verb>`: train, eval, demo, data, count.
 
 Config errors are reported as one line naming the key, before any worker starts work.
 """
@@ -28,6 +28,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--nproc", type=int, default=2, help="ranks (torchrun --nproc_per_node)")
     p.add_argument("overrides", nargs="*")
 
+    p = verbs.add_parser("count", help="parameters and forward FLOPs per part (built on the meta device)")
+    p.add_argument("--config", required=True)
+    p.add_argument("overrides", nargs="*")
+
     p = verbs.add_parser("data", help="dataset tools")
     data_verbs = p.add_subparsers(dest="data_verb", required=True)
     q = data_verbs.add_parser("synth", help="write the synthetic train/val shards of a config")
@@ -51,6 +55,11 @@ def main(argv: list[str] | None = None) -> int:
             from launcher.demo import demo
 
             return demo(args.config, args.overrides, nproc=args.nproc)
+        if args.verb == "count":
+            from launcher.count import count
+
+            print(count(load_config(args.config, args.overrides)))
+            return 0
         if args.verb == "data" and args.data_verb == "synth":
             from datapipes.synthetic import write_synthetic
 

@@ -91,7 +91,7 @@ CHOICES: dict[tuple[type, str], tuple[str, ...]] = {
     (LLMConfig, "train_mode"): ("lora", "full", "frozen"),
     (LLMConfig, "attn_implementation"): ("auto", "sdpa", "eager", "flash_attention_2"),
     (LLMConfig, "chat_template"): ("vicuna_v1",),
-    (MaskDecoderConfig, "kind"): ("sam",),
+    (MaskDecoderConfig, "kind"): ("sam", "multigranular"),
     (ModelConfig, "dtype"): ("float32", "bfloat16", "float16"),
     (OptimConfig, "schedule"): ("cosine", "linear", "constant"),
     (TrainConfig, "precision"): ("fp32", "bf16", "fp16"),

@@ -4,6 +4,9 @@ Scores follow the referring-segmentation convention of LISA/gRefCOCO (shared/EVA
 union of predicted masks against the union of ground-truth masks; cIoU = sum(I) / sum(U) over the
 set, gIoU = mean per-sample IoU, and a sample with no target scores 1 when nothing is predicted and 0
 otherwise (N-acc is the share of those). Every rank scores its shard of the set; sums are reduced.
+Box AP50 (class-agnostic, COCO's 101-point interpolation): predicted boxes (the multigranular decoder's,
+or the tight box of each predicted mask with score 1) matched greedily by score to each sample's target
+instance boxes at IoU >= 0.5. Box-only samples count for box AP only.
 """
 
 from __future__ import annotations
@@ -77,6 +80,65 @@ class Tally:
         return out
 
 
+class BoxTally:
+    """Per-task detections (score, true positive) and target counts from which box AP50 follows."""
+
+    def __init__(self) -> None:
+        self.dets: dict[str, list[tuple[float, bool]]] = defaultdict(list)
+        self.n_gt: dict[str, int] = defaultdict(int)
+
+    def add(self, task: str, boxes: torch.Tensor, scores: torch.Tensor, gt: torch.Tensor) -> None:
+        """boxes (m, 4) and gt (g, 4) xyxy; each target is taken by at most one box, best scores first."""
+        from modeling.matcher import pairwise_iou
+
+        iou = pairwise_iou(boxes.float(), gt.float())[0] if len(boxes) and len(gt) else torch.zeros(len(boxes), len(gt))
+        free = torch.ones(len(gt), dtype=torch.bool)
+        for i in scores.argsort(descending=True).tolist():
+            cand = torch.where(free, iou[i], -1.0)
+            hit = len(gt) > 0 and float(cand.max()) >= 0.5
+            if hit:
+                free[int(cand.argmax())] = False
+            for key in (task, "all"):
+                self.dets[key].append((float(scores[i]), hit))
+        for key in (task, "all"):
+            self.n_gt[key] += len(gt)
+
+    def gather(self) -> None:
+        if not torch.distributed.is_initialized():
+            return
+        parts: list = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(parts, (dict(self.dets), dict(self.n_gt)))
+        self.dets, self.n_gt = defaultdict(list), defaultdict(int)
+        for dets, n_gt in parts:
+            for k, v in dets.items():
+                self.dets[k] += v
+            for k, v in n_gt.items():
+                self.n_gt[k] += v
+
+    def metrics(self, prefix: str) -> dict[str, float]:
+        return {f"{prefix}/{task}/box_AP50": average_precision(self.dets[task], n) for task, n in sorted(self.n_gt.items()) if n}
+
+
+def average_precision(dets: list[tuple[float, bool]], n_gt: int) -> float:
+    """COCO's AP: precision made monotone, sampled at recall 0, 0.01, ..., 1 and averaged."""
+    tp = np.array([hit for _, hit in sorted(dets, key=lambda d: -d[0])], dtype=np.float64)
+    if not n_gt or not len(tp):
+        return 0.0
+    tps, fps = np.cumsum(tp), np.cumsum(1 - tp)
+    recall, precision = tps / n_gt, tps / (tps + fps)
+    precision = np.maximum.accumulate(precision[::-1])[::-1]
+    idx = np.searchsorted(recall, np.linspace(0, 1, 101), side="left")
+    return float(np.where(idx < len(precision), precision[np.minimum(idx, len(precision) - 1)], 0.0).mean())
+
+
+def mask_boxes(masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A decoder without a box head: the tight box of each non-empty predicted mask, score 1."""
+    from modeling.matcher import masks_to_boxes
+
+    boxes = masks_to_boxes(masks)[masks.flatten(1).any(1)]
+    return boxes, torch.ones(len(boxes))
+
+
 def valid_region(mask: torch.Tensor, size: torch.Tensor) -> torch.Tensor:
     """Zero everything outside the resized image (the padding of the SAM frame)."""
     h, w = int(size[0]), int(size[1])
@@ -136,7 +198,8 @@ class Evaluator:
                 max_new_tokens=self.cfg.eval.max_new_tokens,
                 synced_gpus=synced,
             )
-            return [p.masks.cpu() for p in preds], [p.text for p in preds]
+            boxes = [(p.boxes, p.box_scores) if p.boxes is not None else mask_boxes(p.masks.cpu()) for p in preds]
+            return [p.masks.cpu() for p in preds], [p.text for p in preds], boxes
 
         metrics = self._score(predict, step, prefix)
         model.train()
@@ -147,18 +210,23 @@ class Evaluator:
 
         def predict(batch):
             masks = [objects_union(e, s, self.frame)[None] for e, s in zip(batch.extras, batch.image_sizes)]
-            return masks, ["(text-blind: union of all objects)"] * len(masks)
+            return masks, ["(text-blind: union of all objects)"] * len(masks), [mask_boxes(m) for m in masks]
 
         return self._score(predict, step, prefix)
 
     def _score(self, predict: Callable, step: int, prefix: str) -> dict[str, float]:
-        tally = Tally()
+        from modeling.matcher import cxcywh_to_xyxy
+
+        tally, box_tally = Tally(), BoxTally()
         overlays: list[tuple] = []
         for batch in self._batches():
-            masks, texts = predict(batch)
+            masks, texts, boxes = predict(batch)
             for i in range(len(masks)):
                 if batch.is_padding[i]:
                     continue
+                box_tally.add(batch.tasks[i], boxes[i][0], boxes[i][1], cxcywh_to_xyxy(batch.gt_boxes[i].float()) * self.frame)
+                if not batch.has_mask[i].all():
+                    continue  # box-only targets: no mask to score against
                 size = batch.image_sizes[i]
                 pred = valid_region(masks[i].bool().any(0) if len(masks[i]) else torch.zeros(self.frame, self.frame, dtype=torch.bool), size)
                 gt_i = batch.gt_masks[i]
@@ -169,7 +237,8 @@ class Evaluator:
                     overlays.append((batch.sam_pixels[i], size, gt, pred, batch.keys[i], caption, batch.tasks[i]))
         tasks = sorted(self._all_tasks(tally))
         tally.reduce(tasks, self.info.device)
-        metrics = tally.metrics(prefix)
+        box_tally.gather()
+        metrics = {**tally.metrics(prefix), **box_tally.metrics(prefix)}
         self.tracker.log_metrics(metrics, step)
         if self.info.is_main:
             out = self.run_dir / f"eval_{prefix}_step{step:08d}.json"
@@ -181,7 +250,7 @@ class Evaluator:
                     path = folder / f"{j:02d}_{ov[6]}.png"
                     draw_overlay(*ov[:4], caption=f"{ov[4]} [{ov[6]}]\n{ov[5]}").save(_mkparent(path))
                     self.tracker.log_artifact(path, f"overlays/{prefix}_step{step:08d}")
-            summary = " ".join(f"{k.split('/', 1)[1]}={v:.3f}" for k, v in metrics.items() if k.endswith("IoU") or k.endswith("acc"))
+            summary = " ".join(f"{k.split('/', 1)[1]}={v:.3f}" for k, v in metrics.items() if k.endswith(("IoU", "acc", "AP50")))
             print(f"[segcap] eval {prefix} step {step}: {summary}", flush=True)
         return metrics
 

@@ -27,6 +27,9 @@ class LLMConfig:
     # anything else: a local tokenizer folder.
     tokenizer: str = "synthetic"
     chat_template: str = "vicuna_v1"
+    # The checkpoint's vocabulary (before the special tokens), for building it without weights
+    # (`launcher count`); 0: the tokenizer's. Random-init models always take the tokenizer's.
+    vocab_size: int = 0
     hidden_size: int = 128
     num_layers: int = 2
     num_heads: int = 4
@@ -75,12 +78,59 @@ class PixelEncoderConfig:
 
 
 @dataclass
+class PixelDecoderConfig:
+    """MVP-LM's pixel decoder (kind multigranular): a pyramid from the SAM embedding refined by
+    multi-scale deformable attention encoder layers (kernels/msda)."""
+
+    # Image strides of the pyramid levels, finest first, powers of two; one must be the SAM patch
+    # size (the embedding's own stride), the others are made from it by transposed convolutions / max
+    # pooling. A level at half the patch size, if any, is fused into the mask decoder's upscaling. The
+    # 1024-px recipe: 8/16/32 around SAM ViT-H's 16 (MVP-LM, Mask2Former); the 64-px tiny model 4/8/16.
+    strides: list[int] = field(default_factory=lambda: [4, 8, 16])
+    num_layers: int = 2  # deformable encoder layers (Mask2Former: 6)
+    num_heads: int = 4
+    num_points: int = 2  # sampling points per head and level (Mask2Former: 4)
+    ffn_dim: int = 128
+    # kernels.msda backend: "auto" takes Triton on CUDA tensors and the reference on CPU.
+    msda_backend: str = "auto"
+
+
+@dataclass
+class QueryConfig:
+    """MVP-LM's dynamic queries: per LLM query (a [SEG], or the exists position), `num` decoder
+    queries = base (MLP of the hidden state + a learned slot embedding) + residual (the top-`num`
+    memory features most similar to the phrase/instruction embedding, weighted by that similarity)."""
+
+    num: int = 4  # predictions per [SEG]: the most instances one [SEG] may stand for
+    base: bool = True
+    residual: bool = True
+
+
+@dataclass
+class MatchCostConfig:
+    """Weights of the bipartite matching cost between one [SEG]'s predictions and its instances."""
+
+    cls: float = 2.0
+    bce: float = 5.0
+    dice: float = 5.0
+    box_l1: float = 5.0
+    giou: float = 2.0
+
+
+@dataclass
 class MaskDecoderConfig:
-    kind: str = "sam"
-    num_layers: int = 2
+    kind: str = "sam"  # "sam": SAM's decoder prompted by [SEG] (LISA); "multigranular": MVP-LM's decoder
+    num_layers: int = 2  # two-way transformer (both kinds)
     num_heads: int = 4
     mlp_dim: int = 128
     train: bool = True
+    # kind multigranular only:
+    pixel_decoder: PixelDecoderConfig = field(default_factory=PixelDecoderConfig)
+    queries: QueryConfig = field(default_factory=QueryConfig)
+    match: MatchCostConfig = field(default_factory=MatchCostConfig)
+    # Predictions whose objectness is below this are dropped at predict(); masks of a sample whose
+    # exists probability is below it are emptied.
+    score_threshold: float = 0.5
 
 
 @dataclass
@@ -88,6 +138,15 @@ class LossConfig:
     ce: float = 1.0
     bce: float = 2.0
     dice: float = 0.5
+    # kind multigranular only (the sam decoder has no such heads):
+    # (DETR's 2 / 5 / 2 for cls / box_l1 / giou are what the 13B recipe uses; at the tiny scale, with a
+    # random LLM learning its answers, they drowned the mask and CE terms: 800 synthetic steps reached
+    # val cIoU 0.36 with 1 / 1 / 1 where the sam decoder reached 0.22)
+    cls: float = 1.0  # objectness of each prediction: matched -> 1, unmatched -> no-object 0
+    no_object: float = 0.1  # weight of the no-object targets inside cls (DETR's eos_coef)
+    box_l1: float = 1.0  # L1 on normalised (cx, cy, w, h), summed over the 4
+    giou: float = 1.0  # 1 - GIoU
+    exists: float = 1.0  # BCE of "the instruction's target is in the image" (gRefCOCO empty targets)
 
 
 @dataclass
