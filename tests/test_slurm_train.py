@@ -72,7 +72,7 @@ def test_stage2_trains_with_two_tasks_on_one_node(slurm_1node, shards, tmp_path)
     assert sorted(losses(run_dir)) == list(range(1, STEPS + 1))
     assert (run_dir / "checkpoints" / f"step_{STEPS:08d}" / "COMPLETE").is_file()
     [run] = mlflow_runs(run_dir)
-    assert run.data.tags["slurm.job_id"] == job and run.data.tags["world_size"] == "2"
+    assert run.data.tags["slurm.job_id"] == str(job) and run.data.tags["world_size"] == "2"
     assert run.info.status == "FINISHED"
 
 
@@ -96,7 +96,7 @@ def test_stage2_on_two_nodes_preempted_and_requeued_reproduces_the_uninterrupted
         assert got[step] == pytest.approx(want[step], rel=1e-5, abs=1e-6), step
     # One MLflow run for the job across the requeue: world size 2 (one rank per node), every step once.
     [run] = mlflow_runs(run_dir_of(out))
-    assert run.data.tags["slurm.job_id"] == job and run.data.tags["world_size"] == "2"
+    assert run.data.tags["slurm.job_id"] == str(job) and run.data.tags["world_size"] == "2"
     assert run.info.status == "FINISHED" and run.data.tags["slurm.nodelist"] != ""
 
 
