@@ -12,6 +12,7 @@ from torch import nn
 from transformers.utils import ModelOutput
 
 from kernels.msda import ms_deform_attn
+from kernels.msda.op import BACKENDS
 from modeling.config import PixelDecoderConfig
 
 
@@ -63,6 +64,8 @@ class MSDeformAttn(nn.Module):
         super().__init__()
         if dim % heads:
             raise ValueError(f"pixel decoder width {dim} is not divisible by {heads} heads")
+        if backend not in BACKENDS:
+            raise ValueError(f"pixel_decoder.msda_backend {backend!r}: one of {BACKENDS}")
         self.heads, self.levels, self.points, self.backend = heads, levels, points, backend
         self.sampling_offsets = nn.Linear(dim, heads * levels * points * 2)
         self.attention_weights = nn.Linear(dim, heads * levels * points)
