@@ -93,7 +93,7 @@ class BoxTally:
 
         iou = pairwise_iou(boxes.float(), gt.float())[0] if len(boxes) and len(gt) else torch.zeros(len(boxes), len(gt))
         free = torch.ones(len(gt), dtype=torch.bool)
-        for i in scores.argsort(descending=True).tolist():
+        for i in scores.argsort(descending=True, stable=True).tolist():
             cand = torch.where(free, iou[i], -1.0)
             hit = len(gt) > 0 and float(cand.max()) >= 0.5
             if hit:

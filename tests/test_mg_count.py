@@ -4,7 +4,6 @@ counts equal those of the real built model; the 13B recipe counts without any we
 import re
 
 import pytest
-import torch
 
 from launcher.config import load_config
 from launcher.count import count
