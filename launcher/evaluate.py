@@ -18,7 +18,6 @@ from typing import Callable
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
 from launcher import dist
@@ -148,16 +147,16 @@ def valid_region(mask: torch.Tensor, size: torch.Tensor) -> torch.Tensor:
 
 
 def objects_union(extra: dict, size: torch.Tensor, frame: int) -> torch.Tensor:
-    """Union of every object in the image (the text-blind baseline), placed in the padded SAM frame."""
-    from pycocotools import mask as mask_utils
+    """Union of every object in the image (the text-blind baseline), placed in the padded SAM frame
+    exactly as the loader places the targets."""
+    from datapipes.collate import sam_masks
+    from datapipes.schema import decode_mask
 
-    h, w = int(size[0]), int(size[1])
-    union = torch.zeros(frame, frame, dtype=torch.bool)
-    for obj in extra.get("objects", []):
-        m = torch.from_numpy(mask_utils.decode(obj["rle"])).float()[None, None]
-        m = F.interpolate(m, size=(h, w), mode="nearest")[0, 0] > 0.5
-        union[:h, :w] |= m
-    return union
+    objects = extra.get("objects", [])
+    if not objects:
+        return torch.zeros(frame, frame, dtype=torch.bool)
+    masks = np.stack([decode_mask(obj["rle"]) for obj in objects])
+    return sam_masks(masks, (int(size[0]), int(size[1])), frame).bool().any(0)
 
 
 class Evaluator:

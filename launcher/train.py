@@ -160,7 +160,6 @@ class _Meter:
         vec = vec.cpu().tolist()
         out = {f"train/{k}": vec[i] / info.world_size for i, k in enumerate(keys)}
         samples, tokens, skipped = vec[len(keys) :]
-        out["train/loss"] = out.pop("train/loss")
         out["perf/samples_per_s"] = samples / max(self.time, 1e-9)
         out["perf/tokens_per_s"] = tokens / max(self.time, 1e-9)
         out["perf/step_time_s"] = self.time / max(1, self.n)
