@@ -134,6 +134,84 @@ def test_rank_without_seg_does_not_hang_the_rank_with_seg(tmp_path):
     assert without_seg[-1]["ce"] < without_seg[0]["ce"]  # and it trains
 
 
+# One 2-rank ZeRO-3 step must equal one single-process step on the mean of the two ranks' gradients:
+# DeepSpeed averages the reduced gradients, clips them by their global norm and applies AdamW to the
+# fp32 partitions. A wrong average, a norm computed per partition or a lost gradient would each break
+# this. Weight decay is on and the clip threshold is below the gradient norm, so both are exercised.
+EQUIV = {"lr": 1e-3, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.05, "clip": 0.5}
+EQUIV_COUNTS = ([2, 1, 0, 1], [1, 0, 3, 1])
+
+
+def _equivalence_config() -> dict:
+    cfg = ds_config()
+    cfg["gradient_clipping"] = EQUIV["clip"]
+    cfg["optimizer"]["params"] = {"lr": EQUIV["lr"], "betas": list(EQUIV["betas"]), "eps": EQUIV["eps"],
+                                  "weight_decay": EQUIV["weight_decay"], "torch_adam": True}
+    return cfg
+
+
+def _equivalence_job():
+    import deepspeed
+    import torch.distributed as dist
+    from transformers.integrations import HfDeepSpeedConfig
+
+    from modeling import build_model
+    from test_model_fixtures import make_batch, tiny_config, tiny_tokenizer
+
+    dschf = HfDeepSpeedConfig(_equivalence_config())
+    model = build_model(tiny_config(), tiny_tokenizer(), dschf=dschf)
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=model.trainable_parameters(), config=_equivalence_config())
+    names = [n for n, p in model.named_parameters()]
+    start = dict(zip(names, _gathered(*model.parameters())))
+    start.update({f"buffer:{n}": b.clone() for n, b in model.named_buffers()})
+    rank = dist.get_rank()
+    norms = []
+    for step in range(2):
+        out = engine(**make_batch(model, list(EQUIV_COUNTS[rank]), seed=10 * step + rank))
+        engine.backward(out.loss)
+        engine.step()
+        norms.append(float(engine.get_global_grad_norm()))
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    params = dict(model.named_parameters())
+    end = dict(zip(trainable, _gathered(*[params[n] for n in trainable])))
+    return {"start": start, "end": end, "norms": norms}
+
+
+def test_two_rank_zero3_steps_equal_single_process_steps_on_the_mean_gradient(tmp_path):
+    from modeling import build_model
+    from test_model_fixtures import make_batch, tiny_config, tiny_tokenizer
+
+    r0, r1 = run_distributed(_equivalence_job, 2, timeout=TIMEOUT, workdir=tmp_path)
+    model = build_model(tiny_config(), tiny_tokenizer())
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            p.copy_(r0["start"][n])
+        for n, b in model.named_buffers():
+            b.copy_(r0["start"][f"buffer:{n}"])
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(trainable, lr=EQUIV["lr"], betas=EQUIV["betas"], eps=EQUIV["eps"], weight_decay=EQUIV["weight_decay"])
+    norms = []
+    for step in range(2):
+        opt.zero_grad()
+        for rank in range(2):
+            out = model(**make_batch(model, list(EQUIV_COUNTS[rank]), seed=10 * step + rank))
+            (out.loss / 2).backward()
+        norms.append(float(torch.nn.utils.clip_grad_norm_(trainable, EQUIV["clip"])))
+        opt.step()
+    assert min(norms) > EQUIV["clip"]  # clipping was active
+    assert r0["norms"] == pytest.approx(norms, rel=1e-5) and r1["norms"] == r0["norms"]
+    moved = 0
+    for n, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if n.endswith("k_proj.bias"):
+            # Its true gradient is 0 (softmax ignores a per-query constant); AdamW turns the rounding
+            # noise left in it into lr-sized steps of either sign, so it is not comparable.
+            continue
+        assert torch.allclose(r0["end"][n], p.detach(), rtol=1e-4, atol=1e-6), n
+        moved += not torch.equal(r0["end"][n], r0["start"][n])
+    assert moved > 50  # the comparison covered parameters that really changed
+
 def _uneven_generation_job():
     import torch.distributed as dist
 
