@@ -35,6 +35,10 @@ class OptimConfig:
     schedule: str = "cosine"  # cosine | linear | constant
     min_lr_ratio: float = 0.1
     grad_clip: float = 1.0
+    # Learning-rate multipliers by parameter-name prefix (LLaVA's mm_projector_lr, generalised), e.g.
+    # {segmenter: 2.0}; the longest matching prefix wins, unmatched parameters get 1. A prefix that
+    # matches no trainable parameter is an error. Dotted prefixes go in YAML (quoted keys), not overrides.
+    lr_mult: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass

@@ -79,7 +79,30 @@ def lr_lambda(cfg: RunConfig):
     return factor
 
 
-def build_engine(model: torch.nn.Module, params: list[torch.nn.Parameter], cfg: RunConfig, ds_config: dict):
+def param_groups(model: torch.nn.Module, cfg: RunConfig) -> list[torch.nn.Parameter] | list[dict]:
+    """The trainable parameters, grouped by optim.lr_mult (plain list when it is empty). Each group's
+    "lr" is the base lr times its multiplier; the LR schedule then scales every group alike."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    mult = dict(cfg.optim.lr_mult)
+    if not mult:
+        return [p for _, p in named]
+    for prefix in mult:
+        if not any(_under(n, prefix) for n, _ in named):
+            tops = sorted({n.split(".")[0] for n, _ in named})
+            raise ValueError(f"optim.lr_mult: {prefix!r} matches no trainable parameter; top-level trainable modules: {tops}")
+    groups: dict[float, list[torch.nn.Parameter]] = {}
+    for n, p in named:
+        hits = [k for k in mult if _under(n, k)]
+        factor = mult[max(hits, key=len)] if hits else 1.0
+        groups.setdefault(factor, []).append(p)
+    return [{"params": ps, "lr": cfg.optim.lr * f} for f, ps in sorted(groups.items())]
+
+
+def _under(name: str, prefix: str) -> bool:
+    return name == prefix or name.startswith(prefix + ".")
+
+
+def build_engine(model: torch.nn.Module, params: list, cfg: RunConfig, ds_config: dict):
     import deepspeed
 
     def schedule(optimizer):
@@ -107,6 +130,6 @@ def build_run(cfg: RunConfig, ds_config: dict):
         dschf = HfDeepSpeedConfig(ds_config)
     tokenizer = make_tokenizer(cfg.model.llm)
     model = build_model(cfg.model, tokenizer, dschf=dschf)
-    engine = build_engine(model, model.trainable_parameters(), cfg, ds_config)
+    engine = build_engine(model, param_groups(model, cfg), cfg, ds_config)
     engine.hf_deepspeed_config = dschf  # transformers holds it weakly: keep it for the run's lifetime
     return tokenizer, model, engine

@@ -86,3 +86,47 @@ def test_lr_schedule_warmup_then_cosine_floor():
     assert f(10) == pytest.approx(1.0)
     assert f(55) == pytest.approx(0.1 + 0.9 * 0.5, abs=1e-6)
     assert f(100) == pytest.approx(0.1)
+
+
+def _named_module():
+    import torch
+
+    m = torch.nn.Module()
+    m.llm = torch.nn.Linear(2, 2)
+    m.segmenter = torch.nn.Module()
+    m.segmenter.encoder = torch.nn.Linear(2, 2)
+    m.segmenter.decoder = torch.nn.Linear(2, 2)
+    m.segmenter_extra = torch.nn.Linear(2, 2)  # shares the prefix string, not the module path
+    m.frozen = torch.nn.Linear(2, 2).requires_grad_(False)
+    return m
+
+
+def test_lr_mult_groups_by_longest_module_prefix(tmp_path):
+    from launcher.engine import param_groups
+
+    cfg_file = tmp_path / "mult.yaml"
+    cfg_file.write_text(
+        "defaults: {model: tiny, data: synthetic}\n"
+        "optim: {lr: 0.01, lr_mult: {segmenter: 3.0, 'segmenter.decoder': 5.0}}\n"
+    )
+    cfg = load_config(cfg_file)
+    m = _named_module()
+    groups = param_groups(m, cfg)
+    by_lr = {round(g["lr"], 9): {id(p) for p in g["params"]} for g in groups}
+    ids = lambda mod: {id(p) for p in mod.parameters()}  # noqa: E731
+    assert by_lr == {
+        0.01: ids(m.llm) | ids(m.segmenter_extra),
+        0.03: ids(m.segmenter.encoder),
+        0.05: ids(m.segmenter.decoder),
+    }
+    # without multipliers: the plain list of trainable parameters, frozen ones left out
+    plain = param_groups(m, load_config(TINY))
+    assert [id(p) for p in plain] == [id(p) for n, p in m.named_parameters() if not n.startswith("frozen")]
+
+
+def test_lr_mult_prefix_matching_nothing_names_the_modules():
+    from launcher.engine import param_groups
+
+    cfg = load_config(TINY, ["optim.lr_mult.segmentr=2"])
+    with pytest.raises(ValueError, match=r"'segmentr' matches no trainable parameter.*\['llm', 'segmenter', 'segmenter_extra'\]"):
+        param_groups(_named_module(), cfg)
