@@ -61,6 +61,19 @@ def make_batch(model, seg_counts: list[int], length: int = 48, seed: int = 0) ->
     }
 
 
+def first_losses(model, batch: dict, keys: tuple[str, ...], steps: int = 3) -> list[list[float]]:
+    """[loss, *terms[keys]] (rounded to 4 places) of `steps` AdamW steps (lr 1e-3) on one fixed batch:
+    what the golden-loss tests record."""
+    opt = torch.optim.AdamW(model.trainable_parameters(), lr=1e-3)
+    got = []
+    for _ in range(steps):
+        out = model(**batch)
+        out.loss.backward()
+        opt.step()
+        opt.zero_grad()
+        got.append([round(v, 4) for v in (out.loss.item(), *(out.terms[k].item() for k in keys))])
+    return got
+
 def test_tiny_tokenizer_lacks_the_special_tokens():
     from modeling.llm import SPECIAL_TOKENS
 

@@ -21,7 +21,7 @@ def ds_config() -> dict:
     }
 
 
-def _build(cfg=None):
+def _build(cfg=None, ds: dict | None = None):
     """Model + engine the way launcher/train.py builds them (HfDeepSpeedConfig alive while building)."""
     import deepspeed
     from transformers.integrations import HfDeepSpeedConfig
@@ -29,7 +29,8 @@ def _build(cfg=None):
     from modeling import build_model
     from test_model_fixtures import tiny_config, tiny_tokenizer
 
-    dschf = HfDeepSpeedConfig(ds_config())
+    ds = ds or ds_config()
+    dschf = HfDeepSpeedConfig(ds)
     tok = tiny_tokenizer()
     old_len = len(tok)
     model = build_model(cfg or tiny_config(), tok, dschf=dschf)
@@ -42,7 +43,7 @@ def _build(cfg=None):
         model.segmenter.sam.vision_encoder.patch_embed.projection.weight,
     ]
     model.built_under_zero_init = all(hasattr(p, "ds_id") for p in built)
-    engine, *_ = deepspeed.initialize(model=model, model_parameters=model.trainable_parameters(), config=ds_config())
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=model.trainable_parameters(), config=ds)
     return engine, model, tok, old_len, dschf
 
 
@@ -151,17 +152,12 @@ def _equivalence_config() -> dict:
 
 
 def _equivalence_job():
-    import deepspeed
     import torch.distributed as dist
-    from transformers.integrations import HfDeepSpeedConfig
 
-    from modeling import build_model
-    from test_model_fixtures import make_batch, tiny_config, tiny_tokenizer
+    from test_model_fixtures import make_batch
 
-    dschf = HfDeepSpeedConfig(_equivalence_config())
-    model = build_model(tiny_config(), tiny_tokenizer(), dschf=dschf)
-    engine, *_ = deepspeed.initialize(model=model, model_parameters=model.trainable_parameters(), config=_equivalence_config())
-    names = [n for n, p in model.named_parameters()]
+    engine, model, *_ = _build(ds=_equivalence_config())
+    names = [n for n, _ in model.named_parameters()]
     start = dict(zip(names, _gathered(*model.parameters())))
     start.update({f"buffer:{n}": b.clone() for n, b in model.named_buffers()})
     rank = dist.get_rank()
@@ -171,9 +167,8 @@ def _equivalence_job():
         engine.backward(out.loss)
         engine.step()
         norms.append(float(engine.get_global_grad_norm()))
-    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
-    params = dict(model.named_parameters())
-    end = dict(zip(trainable, _gathered(*[params[n] for n in trainable])))
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    end = dict(zip((n for n, _ in trainable), _gathered(*(p for _, p in trainable))))
     return {"start": start, "end": end, "norms": norms}
 
 
@@ -211,6 +206,7 @@ def test_two_rank_zero3_steps_equal_single_process_steps_on_the_mean_gradient(tm
         assert torch.allclose(r0["end"][n], p.detach(), rtol=1e-4, atol=1e-6), n
         moved += not torch.equal(r0["end"][n], r0["start"][n])
     assert moved > 50  # the comparison covered parameters that really changed
+
 
 def _uneven_generation_job():
     import torch.distributed as dist
