@@ -73,10 +73,7 @@ def _text_blind_baseline(cfg, run_dir: Path) -> dict[str, float]:
     tokenizer.add_special_tokens({"additional_special_tokens": list(SPECIAL_TOKENS)})
     ev = Evaluator(cfg, tokenizer, info, run_dir, tracker, num_image_tokens=num_image_tokens)
     metrics = ev.run_baseline(step=cfg.train.steps)
-    if tracker.active:
-        import mlflow
-
-        mlflow.flush_async_logging()
+    tracker.flush()
     return metrics
 
 

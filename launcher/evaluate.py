@@ -321,9 +321,6 @@ def evaluate_checkpoint(cfg: RunConfig) -> int:
         tracker.start(None, {}, {**run_tags(info.world_size), "kind": "eval", "checkpoint": str(ckpt)})
     evaluator = Evaluator(cfg, tokenizer, info, run_dir, tracker, num_image_tokens=model.num_image_tokens)
     evaluator.run(engine.module, step=state["step"], prefix="eval")
-    if tracker.active:
-        import mlflow
-
-        mlflow.flush_async_logging()
+    tracker.flush()
     dist.barrier()
     return 0

@@ -84,13 +84,18 @@ class Tracker:
             for k, v in tags.items():
                 self.client.set_tag(self.run_id, k, str(v))
 
+    def flush(self) -> None:
+        """Wait until the asynchronous metric batches are written."""
+        if self.active:
+            import mlflow
+
+            mlflow.flush_async_logging()
+
     def finish(self, status: str = "FINISHED") -> None:
         """status: FINISHED, FAILED, or KILLED (preempted: the requeued job reopens the run)."""
         if not self.active:
             return
-        import mlflow
-
-        mlflow.flush_async_logging()
+        self.flush()
         self.client.set_terminated(self.run_id, status=status)
 
 

@@ -255,7 +255,8 @@ def _seg_has_mask(has_mask, gt_owner, counts) -> torch.Tensor:
     flags = []
     for b, k in enumerate(counts):
         owner = gt_owner[b].cpu() if gt_owner is not None else torch.arange(k)
-        flags += [bool(has_mask[b].cpu().bool()[owner == i].all()) for i in range(k)]
+        masked = has_mask[b].cpu().bool()
+        flags += [bool(masked[owner == i].all()) for i in range(k)]
     return torch.tensor(flags, dtype=torch.bool)
 
 
