@@ -40,6 +40,10 @@ def main(argv: list[str] | None = None) -> int:
     q = data_verbs.add_parser("inspect", help="print a shard folder's manifest and its first samples")
     q.add_argument("path")
     q.add_argument("-n", type=int, default=3)
+    q = data_verbs.add_parser("convert", help="a public dataset's official files -> USCDF shards (docs/DATA.md)")
+    from datapipes.convert import add_arguments
+
+    add_arguments(q)
 
     args = parser.parse_args(argv)
     try:
@@ -72,6 +76,10 @@ def main(argv: list[str] | None = None) -> int:
 
             print(inspect(args.path, args.n))
             return 0
+        if args.verb == "data" and args.data_verb == "convert":
+            from datapipes.convert import main as convert_main
+
+            return convert_main(args)
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
