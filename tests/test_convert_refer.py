@@ -21,6 +21,7 @@ from convert_files import decode_segm, write_coco_refer, write_jpeg
 from datapipes.config import DataConfig, SourceConfig
 from datapipes.convert import converter_class, REGISTRY
 from datapipes.convert.common import ConvertError
+from datapipes.convert.group import write_group
 from datapipes.convert.run import ConvertArgs, run_conversion
 from datapipes.loader import build_train_loader
 from datapipes.schema import SPECIAL_TOKENS, decode_mask
@@ -220,11 +221,16 @@ def test_killed_conversion_restarted_gives_byte_identical_shards(tmp_path):
     assert len(keys) == len(set(keys))  # no duplicates
 
 
-def test_converted_refcoco_loads_through_the_training_loader(refcoco, tmp_path):
-    convert("refcoco", refcoco["src"], refcoco["image_dir"], tmp_path / "train")
+def test_converted_sets_grouped_load_through_the_training_loader(refcoco, tmp_path):
+    """refcoco train + val converted, grouped into one folder (as refer_seg is), read by datapipes.loader."""
+    a = convert("refcoco", refcoco["src"], refcoco["image_dir"], tmp_path / "refcoco_train")
+    b = convert("refcoco", refcoco["src"], refcoco["image_dir"], tmp_path / "refcoco_val", split="val")
+    group = write_group(tmp_path / "refer_seg", [tmp_path / "refcoco_train", tmp_path / "refcoco_val"])
+    assert group["total"] == a["total"] + b["total"] and len(group["shards"]) == len(a["shards"]) + len(b["shards"])
+    assert all(s["url"].startswith("../refcoco_") for s in group["shards"])
     tok = build_tokenizer()
     tok.add_special_tokens({"additional_special_tokens": list(SPECIAL_TOKENS)})
-    cfg = DataConfig(train=[SourceConfig(name="refcoco", path=str(tmp_path / "train"))], val=[], batch_size=2,
+    cfg = DataConfig(train=[SourceConfig(name="refer_seg", path=str(tmp_path / "refer_seg"))], val=[], batch_size=2,
                      num_workers=0, shuffle_buffer=4, max_length=200)
     loader = build_train_loader(cfg, tok, num_image_tokens=4, clip_size=32, sam_size=48, rank=0, world_size=1, seed=0)
     batch = next(iter(loader))
