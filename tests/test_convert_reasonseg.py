@@ -4,13 +4,13 @@ ignore regions removed, rasterised by pycocotools; sentence instructions get the
 import json
 
 import numpy as np
-from pycocotools import mask as mask_utils
-
 from convert_files import write_reasonseg
+from pycocotools import mask as mask_utils
+from test_convert_refer import read_samples
+
 from datapipes.convert import converter_class
 from datapipes.convert.run import ConvertArgs, run_conversion
 from datapipes.schema import decode_mask
-from test_convert_refer import read_samples
 
 
 def convert(src, out, split, **kw):

@@ -2,7 +2,6 @@
 decoding of the source polygons/RLE, photos stored as their original JPEG bytes, refer ids kept in
 `source`, bad records skipped and counted, deterministic and resumable shards, loadable by the trainer."""
 
-import itertools
 import json
 import os
 import signal
@@ -15,11 +14,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
+from convert_files import decode_segm, write_coco_refer
 
-from convert_files import decode_segm, write_coco_refer, write_jpeg
 from datapipes.config import DataConfig, SourceConfig
-from datapipes.convert import converter_class, REGISTRY
+from datapipes.convert import REGISTRY, converter_class
 from datapipes.convert.common import ConvertError
 from datapipes.convert.group import write_group
 from datapipes.convert.run import ConvertArgs, run_conversion
@@ -133,7 +131,7 @@ def test_grefcoco_multi_target_and_no_target(tmp_path):
 
 def test_bad_records_are_skipped_and_counted_by_reason(tmp_path):
     g = write_coco_refer(tmp_path / "coco", n_images=10)  # train photos: 1000, 1001, 1004, 1008
-    images, anns = g["images"], g["anns"]
+    images = g["images"]
     (g["image_dir"] / images[1000]["file_name"]).unlink()  # missing image
     jpg = g["image_dir"] / images[1001]["file_name"]
     jpg.write_bytes(jpg.read_bytes()[:200])  # truncated JPEG
@@ -217,7 +215,10 @@ def test_killed_conversion_restarted_gives_byte_identical_shards(tmp_path):
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["total"] == json.loads((tmp_path / "ref" / "manifest.json").read_text())["total"]
     assert manifest["convert"]["shards_reused"] == n_done
-    keys = list(itertools.chain.from_iterable(tarfile.open(out / t).getnames() for t in tars))
+    keys = []
+    for t in tars:
+        with tarfile.open(out / t) as tar:
+            keys += tar.getnames()
     assert len(keys) == len(set(keys))  # no duplicates
 
 

@@ -19,7 +19,7 @@ class Exploit:
 def test_plain_refs_load_in_every_protocol(tmp_path):
     refs = [{"ref_id": 1, "ann_id": [3, -1], "sentences": [{"sent": "the cat", "sent_id": 7}], "box": (1.5, 2.0),
              "tags": {"a", "b"}, "raw": b"bytes", "none": None, "flag": True}]
-    for protocol in range(0, pickle.HIGHEST_PROTOCOL + 1):
+    for protocol in range(pickle.HIGHEST_PROTOCOL + 1):
         path = tmp_path / f"refs{protocol}.p"
         with open(path, "wb") as f:
             pickle.dump(refs, f, protocol=protocol)

@@ -12,7 +12,16 @@ import numpy as np
 from pycocotools import mask as mask_utils
 
 from datapipes.convert.common import (
-    BadRecord, Output, chunks, conversation, question, read_photo, rle_ann, rng_for, seg_answer, segm_rle,
+    BadRecord,
+    Output,
+    chunks,
+    conversation,
+    question,
+    read_photo,
+    rle_ann,
+    rng_for,
+    seg_answer,
+    segm_rle,
 )
 from datapipes.convert.run import Converter
 from datapipes.schema import Sample

@@ -11,8 +11,20 @@ from itertools import chain, zip_longest
 from pathlib import Path
 
 from datapipes.convert.common import (
-    EMPTY_ANSWERS, BadRecord, ConvertError, Output, chunks, conversation, load_json, question, read_photo,
-    rle_ann, rng_for, seg_answer, segm_rle, union_rle,
+    EMPTY_ANSWERS,
+    BadRecord,
+    ConvertError,
+    Output,
+    chunks,
+    conversation,
+    load_json,
+    question,
+    read_photo,
+    rle_ann,
+    rng_for,
+    seg_answer,
+    segm_rle,
+    union_rle,
 )
 from datapipes.convert.run import Converter
 from datapipes.convert.unpickle import load_plain_pickle
@@ -69,7 +81,7 @@ class ReferConverter(Converter):
         return self.images / im["file_name"] if im else None
 
     def convert(self, uid, payload, bad) -> list[Output]:
-        image_id, kind, turns = payload
+        image_id, _, turns = payload
         im = self.photos.get(image_id)
         if im is None:
             raise BadRecord("missing_annotation", f"image_id {image_id} is not in instances.json")

@@ -190,7 +190,7 @@ def _write_shard(index: int) -> dict:
             except BadRecord as e:
                 bad(uid, e.reason, str(e))
                 continue
-            except Exception as e:  # a record no rule foresaw must not end a day-long run: count it, keep going
+            except Exception as e:  # noqa: BLE001  a record no rule foresaw must not end a day-long run: count it, keep going
                 bad(uid, "error", f"{type(e).__name__}: {e}")
                 continue
             for j, o in enumerate(outputs):
@@ -242,8 +242,7 @@ def _manifest(out: Path, n_shards: int, plan: dict, reused: int, seconds: float)
         "bad_examples": {r: [b for b in bad if b["reason"] == r][:5] for r in sorted(reasons)},
     }
     with open(out / (BAD_LIST + ".tmp"), "w") as f:
-        for b in bad:
-            f.write(json.dumps(b) + "\n")
+        f.writelines(json.dumps(b) + "\n" for b in bad)
     (out / (BAD_LIST + ".tmp")).replace(out / BAD_LIST)
     manifest = {"format": FORMAT, "shards": shards, "total": n, "tasks": dict(sorted(tasks.items())), "convert": summary}
     tmp = out / (MANIFEST + ".tmp")
@@ -255,11 +254,11 @@ def _manifest(out: Path, n_shards: int, plan: dict, reused: int, seconds: float)
 def summary_text(manifest: dict, out: Path) -> str:
     s = manifest["convert"]
     lines = [
-        f"{s['dataset']}/{s['split']}: {s['samples']} samples in {s['shards']} shards ({s['shards_reused']} reused "
-        f"from an earlier run) -> {out}  [{s['seconds']} s]",
+        (f"{s['dataset']}/{s['split']}: {s['samples']} samples in {s['shards']} shards ({s['shards_reused']} reused "
+         f"from an earlier run) -> {out}  [{s['seconds']} s]"),
         f"  tasks: {manifest['tasks']}",
-        f"  bytes per sample: {s['bytes_per_sample']} (image {s['image_bytes_per_sample']}, "
-        f"json {s['json_bytes_per_sample']}); re-encoded images: {s['reencoded_images']}",
+        (f"  bytes per sample: {s['bytes_per_sample']} (image {s['image_bytes_per_sample']}, "
+         f"json {s['json_bytes_per_sample']}); re-encoded images: {s['reencoded_images']}"),
         f"  bad records: {sum(s['bad'].values())} {s['bad'] or ''}",
     ]
     for reason, examples in s["bad_examples"].items():

@@ -9,7 +9,6 @@ import io
 import pickle
 from pathlib import Path
 
-
 # Globals a plain-data pickle may name: sets are pickled as a call of the builtin, and Python 3 writes
 # bytes in protocols 0-2 as a call of _codecs.encode(str, "latin1"). All three only build data.
 ALLOWED_GLOBALS = {
