@@ -192,7 +192,7 @@ def write_llava(root: Path) -> list[dict]:
         rel = f"{i // 2:05d}/{i:09d}.jpg"
         write_jpeg(root / "images" / rel, 24 + i, 30, i)
         records.append({"id": f"{i:09d}", "image": rel, "conversations": [
-            {"from": "human", "value": f"What is this?\n<image>" if i % 2 else f"<image>\nDescribe {i}."},
+            {"from": "human", "value": "What is this?\n<image>" if i % 2 else f"<image>\nDescribe {i}."},
             {"from": "gpt", "value": f"A picture number {i}."},
             {"from": "human", "value": "And then?"}, {"from": "gpt", "value": "Nothing else."}][: 2 + 2 * (i % 2)]})
     png = root / "images" / "00009" / "png_photo.png"  # a photo that is not a JPEG

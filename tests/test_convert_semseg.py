@@ -6,13 +6,19 @@ import json
 
 import numpy as np
 import pytest
+from convert_files import (
+    blocks,
+    decode_segm,
+    write_coco_parts,
+    write_jpeg,
+    write_label_png,
+)
+from test_convert_refer import read_samples
 
-from convert_files import blocks, decode_segm, write_coco_parts, write_jpeg, write_label_png
 from datapipes.convert import converter_class
 from datapipes.convert.run import ConvertArgs, run_conversion
 from datapipes.convert.semseg import ADE20K_CLASSES
 from datapipes.schema import decode_mask
-from test_convert_refer import read_samples
 
 
 def convert(dataset, src, out, images=None, **kw):

@@ -58,11 +58,11 @@ class GCGConverter(Converter):
             raise ConvertError(f"{path}: not a {self.kind} GCG file: {e}") from e
 
     def _records(self, data) -> list[tuple[str, dict]]:
-        """(uid, {"file_name", "caption", "phrases": [(start, end, [segmentation, ...])]}) in file order."""
+        """(uid, {"file_name", "caption", "phrases": [(start, end, [segmentation, ...], text)]})."""
         out = []
         if self.kind in ("grandf", "psg"):
             for i, r in enumerate(data):
-                phrases = [(*g["token_positives"][:2], g["rle_masks"]) for g in r["groundings"].values()]
+                phrases = [(*g["token_positives"][:2], g["rle_masks"], p) for p, g in r["groundings"].items()]
                 out.append((f"{i}", {"file_name": r["file_name"], "caption": r["caption"], "phrases": phrases}))
         elif self.kind == "refcocog":
             for i, item in enumerate(data):
@@ -71,7 +71,7 @@ class GCGConverter(Converter):
                 phrases = []
                 for ref in r["refs"]:
                     start = cap.lower().find(ref["sentence"].lower())
-                    phrases.append((start, start + len(ref["sentence"]), [ref["segmentation"]]))
+                    phrases.append((start, start + len(ref["sentence"]), [ref["segmentation"]], ref["sentence"]))
                 out.append((f"{i}-{key}", {"file_name": r["img_file_name"], "caption": cap, "phrases": phrases}))
         else:  # flickr: COCO-style, one annotation per box; annotations of one span are one phrase
             by_image: dict = {}
@@ -82,7 +82,7 @@ class GCGConverter(Converter):
                 spans: dict = {}
                 for a in by_image.get(im["id"], []):
                     spans.setdefault(tuple(a["tokens_positive"][0][:2]), []).append(a["sam_mask"])
-                phrases = [(s, e, segs) for (s, e), segs in spans.items()]
+                phrases = [(s, e, segs, im["caption"][s:e]) for (s, e), segs in spans.items()]
                 out.append((f"{im['id']}", {"file_name": im["file_name"], "caption": im["caption"], "phrases": phrases,
                                             "height": im.get("height"), "width": im.get("width")}))
         return out
@@ -103,8 +103,8 @@ class GCGConverter(Converter):
         photo = read_photo(self.images / payload["file_name"])
         h, w = photo.height, photo.width
         text, masks, end = "", [], 0
-        for start, stop, segs in sorted(payload["phrases"], key=lambda p: (p[0], p[1])):
-            what = f"phrase {cap[max(start, 0):stop]!r}"
+        for start, stop, segs, phrase in sorted(payload["phrases"], key=lambda p: (p[0], p[1])):
+            what = f"phrase {phrase!r}"
             if start < 0 or stop > len(cap) or stop <= start:
                 bad("phrase_not_found", f"{what}: span {start}:{stop} is not in the caption {cap!r}")
                 continue

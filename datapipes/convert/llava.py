@@ -7,7 +7,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from datapipes.convert.common import BadRecord, ConvertError, Output, load_json, read_photo, rng_for
+from datapipes.convert.common import (
+    BadRecord,
+    ConvertError,
+    Output,
+    load_json,
+    read_photo,
+    rng_for,
+)
 from datapipes.convert.run import Converter
 from datapipes.schema import IMAGE_TOKEN, Sample
 

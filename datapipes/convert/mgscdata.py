@@ -10,7 +10,15 @@ import json
 import re
 from pathlib import Path
 
-from datapipes.convert.common import BadRecord, ConvertError, Output, read_photo, rle_ann, rng_for, segm_rle
+from datapipes.convert.common import (
+    BadRecord,
+    ConvertError,
+    Output,
+    read_photo,
+    rle_ann,
+    rng_for,
+    segm_rle,
+)
 from datapipes.convert.run import Converter
 from datapipes.mgsc import grounded
 from datapipes.schema import IMAGE_TOKEN, Sample
@@ -25,7 +33,7 @@ SUBTREE_PROMPTS = (
     "interleaved segmentation masks for the corresponding parts of the answer.",
     "Please describe the {} in the image and its parts in detail, with interleaved segmentation masks.",
 )
-TAG = re.compile(r"<([^<>/\s]+)>(.*?)</\1>", re.S)
+TAG = re.compile(r"<([^<>/\s]+)>(.*?)</\1>", re.DOTALL)
 
 
 class MGSCDataConverter(Converter):

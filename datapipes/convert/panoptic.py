@@ -11,7 +11,14 @@ import numpy as np
 from PIL import Image
 
 from datapipes import mgsc
-from datapipes.convert.common import BadRecord, ConvertError, Output, load_json, read_photo, rng_for
+from datapipes.convert.common import (
+    BadRecord,
+    ConvertError,
+    Output,
+    load_json,
+    read_photo,
+    rng_for,
+)
 from datapipes.convert.run import Converter
 
 
@@ -61,7 +68,7 @@ class PanopticConverter(Converter):
             ids = rgb2id(np.asarray(Image.open(png_path).convert("RGB")))
         except FileNotFoundError:
             raise BadRecord("missing_annotation", f"{png_path} does not exist") from None
-        except Exception as e:  # noqa: BLE001  PIL raises many types on a broken PNG
+        except Exception as e:
             raise BadRecord("undecodable_annotation", f"{png_path} does not decode: {e}") from e
         if ids.shape != (photo.height, photo.width):
             raise BadRecord("size_mismatch", f"{png_path} is {ids.shape}, its photo {photo.height}x{photo.width}")

@@ -84,7 +84,7 @@ class LabelMapConverter(Converter):
             label = np.asarray(Image.open(label_path))
         except FileNotFoundError:
             raise BadRecord("missing_annotation", f"{label_path} does not exist") from None
-        except Exception as e:  # noqa: BLE001  PIL raises many types on a broken PNG
+        except Exception as e:
             raise BadRecord("undecodable_annotation", f"{label_path} does not decode: {e}") from e
         if label.ndim != 2 or label.shape != (photo.height, photo.width):
             raise BadRecord("size_mismatch", f"{label_path} is {label.shape}, its photo {photo.height}x{photo.width}")
