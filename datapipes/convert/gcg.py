@@ -33,10 +33,10 @@ FILES = {
     "flickr_val": "flickr_mergedGT_GCG_val.json",
 }
 GCG_PROMPTS = (
-    "Could you please give me a detailed description of the image? Please respond with interleaved segmentation "
-    "masks for the corresponding parts of the answer.",
-    "Can you provide a thorough description of this image? Please output with interleaved segmentation masks "
-    "for the corresponding phrases.",
+    ("Could you please give me a detailed description of the image? Please respond with interleaved segmentation "
+    "masks for the corresponding parts of the answer."),
+    ("Can you provide a thorough description of this image? Please output with interleaved segmentation masks "
+    "for the corresponding phrases."),
     "Please describe the image in detail, with interleaved segmentation masks for the phrases of your answer.",
 )
 

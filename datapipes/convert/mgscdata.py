@@ -24,13 +24,13 @@ from datapipes.mgsc import grounded
 from datapipes.schema import IMAGE_TOKEN, Sample
 
 ROOT_PROMPTS = (
-    "Please provide a detailed description of all the objects present in this image, with interleaved "
-    "segmentation masks for the corresponding parts of the answer.",
+    ("Please provide a detailed description of all the objects present in this image, with interleaved "
+    "segmentation masks for the corresponding parts of the answer."),
     "Can you describe every object in this image in detail? Please respond with interleaved segmentation masks.",
 )
 SUBTREE_PROMPTS = (
-    "Can you provide a detailed description of the different parts for {} in the image? Please respond with "
-    "interleaved segmentation masks for the corresponding parts of the answer.",
+    ("Can you provide a detailed description of the different parts for {} in the image? Please respond with "
+    "interleaved segmentation masks for the corresponding parts of the answer."),
     "Please describe the {} in the image and its parts in detail, with interleaved segmentation masks.",
 )
 TAG = re.compile(r"<([^<>/\s]+)>(.*?)</\1>", re.DOTALL)
