@@ -177,3 +177,44 @@ def test_fused_rejects_reference_points_of_the_wrong_shape():
     value, shapes, starts, refs, offsets, logits = fused_inputs(CASES["base"], seed=103)
     with pytest.raises(ValueError, match="reference_points"):
         ms_deform_attn_fused(value, shapes, starts, refs[:-1], offsets, logits, backend="triton")
+
+
+# ---------------------------------------------------------------- benchmark
+
+
+def test_l1_floor_counts_four_corner_rows_of_d_channels_per_point():
+    from kernels.bench import gather_bytes, make_problem, peak_l1_gbps
+
+    value, _, _, loc, _ = make_problem("tiny", 2, torch.bfloat16, "cpu")
+    N, Lq, M, L, P, _ = loc.shape
+    assert gather_bytes("fwd", value, loc) == N * Lq * M * L * P * 4 * value.shape[-1] * 2
+    assert gather_bytes("fwd_bwd", value, loc) == 3 * gather_bytes("fwd", value, loc)
+    assert peak_l1_gbps("NVIDIA H200") == pytest.approx(132 * 128 * 1.98)
+    assert peak_l1_gbps("Some other GPU") is None
+
+
+def test_uniform_offsets_spread_over_the_level_and_local_ones_stay_near_their_query():
+    from kernels.bench import make_problem
+
+    _, _, _, local, _ = make_problem("mask2former", 1, torch.float32, "cpu", offsets="local")
+    _, _, _, uniform, _ = make_problem("mask2former", 1, torch.float32, "cpu", offsets="uniform")
+    refs_x = local[0, :, 0, 0, 0, 0]  # level 0's own queries sample around themselves (128 px wide level)
+    assert (local[0, :16384, 0, 0, :, 0] - refs_x[:16384, None]).abs().mean() < 4 / 128
+    assert uniform.min() >= 0 and uniform.max() <= 1 and uniform[..., 0].std() > 0.25
+
+
+@pytest.mark.slow
+def test_benchmark_names_what_it_skipped_in_its_output_and_files(tmp_path, capsys):
+    import json
+
+    from kernels import bench
+
+    bench.main(["--batch", "1", "--precision", "fp32", "--mode", "fwd", "--offsets", "local", "uniform",
+                "--cpu-reps", "1", "--memory-shapes", "--out-dir", str(tmp_path), "--json", str(tmp_path / "b.json")])
+    report = json.loads((tmp_path / "b.json").read_text())
+    assert [s["what"] for s in report["skipped"]] == ["provider cuda_ext"]
+    assert "skipped: provider cuda_ext" in capsys.readouterr().out
+    assert "cuda_ext" in (tmp_path / "msda_skipped.csv").read_text()
+    seen = {(r["provider"], r["offsets"]) for r in report["rows"]}
+    assert seen == {(p, o) for p in ("triton", "triton_fused", "reference") for o in ("local", "uniform")}
+    assert all(r["first_call_s"] > 0 for r in report["rows"] if r["provider"].startswith("triton"))
