@@ -50,7 +50,7 @@ class Photo:
 
 def sample_key(dataset: str, split: str, uid: str, j: int) -> str:
     """The tar key: WebDataset splits member names at the first dot, so only [A-Za-z0-9_-] stay."""
-    return re.sub(r"[^A-Za-z0-9_-]", "_", f"{dataset}-{split}-{uid}-{j}").replace("+", "plus")
+    return re.sub(r"[^A-Za-z0-9_-]", "_", f"{dataset}-{split}-{uid}-{j}".replace("+", "plus"))
 
 
 def read_photo(path: str | Path) -> Photo:
