@@ -42,7 +42,7 @@ def data(tmp_path_factory):
 
 def config(train_path, val_path, **kw) -> DataConfig:
     base = dict(train=[SourceConfig(name="syn", path=train_path)], val=[SourceConfig(name="syn_val", path=val_path)],
-                batch_size=4, eval_batch_size=8, num_workers=0, shuffle_buffer=32)
+                batch_size=4, eval_batch_size=8, num_workers=0)
     return DataConfig(**{**base, **kw})
 
 
@@ -209,17 +209,18 @@ def image_bytes(image) -> bytes:
 
 def test_bad_samples_are_skipped_and_counted_by_reason(tmp_path, tok, data):
     good = write_with_bad_samples(tmp_path / "bad")
-    cfg = config(str(tmp_path / "bad"), data[1], shuffle_buffer=0, max_bad_fraction=0.5)
-    batches = train_batches(cfg, tok, 5)  # exactly one pass over the shard: 20 good samples
-    assert sorted(k for b in batches for k in b.keys) == sorted(good)
-    total = sum((Counter(b.skipped) for b in batches), Counter())
-    assert total == {"image": 1, "json": 1, "invalid": 1}
+    cfg = config(str(tmp_path / "bad"), data[1], max_bad_fraction=0.5)
+    cfg.open_shards, cfg.batch_size = 1, 23  # one batch is exactly one pass over the shard's 23 samples
+    (batch,) = train_batches(cfg, tok, 1)
+    assert sorted(batch.keys) == sorted(good)  # the bad ones leave the batch short, not refilled
+    total = Counter(batch.skipped)
+    assert total == {"syn/image": 1, "syn/json": 1, "syn/invalid": 1}
 
 
 @pytest.mark.parametrize("num_workers", [0, 1])
 def test_too_many_bad_samples_raise_a_data_error_naming_why(tmp_path, tok, data, num_workers):
     write_with_bad_samples(tmp_path / "bad")
-    cfg = config(str(tmp_path / "bad"), data[1], shuffle_buffer=0, max_bad_fraction=0.05, num_workers=num_workers)
+    cfg = config(str(tmp_path / "bad"), data[1], max_bad_fraction=0.05, num_workers=num_workers)
     with pytest.raises(DataError) as e:
         train_batches(cfg, tok, 100)
     msg = str(e.value)
@@ -233,4 +234,4 @@ def test_eval_replaces_bad_samples_with_fillers_keeping_the_count(tmp_path, tok,
     batches = eval_pass(cfg, tok, 0, 1)
     assert sum(len(b) for b in batches) == 23
     assert sorted(k for b in batches for k, p in zip(b.keys, b.is_padding) if not p) == sorted(good)
-    assert sum((Counter(b.skipped) for b in batches), Counter()) == {"image": 1, "json": 1, "invalid": 1}
+    assert sum((Counter(b.skipped) for b in batches), Counter()) == {"syn_val/image": 1, "syn_val/json": 1, "syn_val/invalid": 1}
