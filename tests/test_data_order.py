@@ -8,7 +8,14 @@ import numpy as np
 import pytest
 import webdataset as wds
 
-from datapipes.order import MIX_CHUNK, Mixture, ShardSlice, SourceOrder, TarIndex, assign_slices
+from datapipes.order import (
+    MIX_CHUNK,
+    Mixture,
+    ShardSlice,
+    SourceOrder,
+    TarIndex,
+    assign_slices,
+)
 from datapipes.schema import BadSample
 
 

@@ -4,7 +4,14 @@ import pytest
 
 from datapipes.schema import SPECIAL_TOKENS
 from datapipes.synthetic import build_tokenizer
-from datapipes.text import IGNORE_INDEX, TooLong, cut_points, fit_conversation, image_token_id, tokenize_conversation
+from datapipes.text import (
+    IGNORE_INDEX,
+    TooLong,
+    cut_points,
+    fit_conversation,
+    image_token_id,
+    tokenize_conversation,
+)
 
 N_IMG = 16
 CONV = [
@@ -128,7 +135,7 @@ def test_too_long_answer_keeps_the_longest_prefix_ending_after_a_seg(tok):
 
 def test_later_turns_are_dropped_before_the_first_answer_is_cut(tok):
     conv = THREE + [{"role": "user", "content": "And the sky?"}, {"role": "assistant", "content": "<p> the sky </p> [SEG]."}]
-    tokens, kept = fit(tok, conv, len(run(tok, THREE).input_ids))
+    _, kept = fit(tok, conv, len(run(tok, THREE).input_ids))
     assert kept == THREE[:1] + [{"role": "assistant", "content": THREE[1]["content"]}]
 
 
