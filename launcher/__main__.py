@@ -44,6 +44,10 @@ def main(argv: list[str] | None = None) -> int:
     from datapipes.convert import add_arguments
 
     add_arguments(q)
+    q = data_verbs.add_parser("annotate", help="SA-1B photos + automatic masks -> MGSC SegCap shards (a labeller names them)")
+    from datapipes.annotate import add_arguments as add_annotate_arguments
+
+    add_annotate_arguments(q)
     q = data_verbs.add_parser("group", help="one shard folder listing several converted folders' shards")
     q.add_argument("--out", required=True)
     q.add_argument("members", nargs="+", help="converted shard folders")
@@ -83,6 +87,10 @@ def main(argv: list[str] | None = None) -> int:
             from datapipes.convert import main as convert_main
 
             return convert_main(args)
+        if args.verb == "data" and args.data_verb == "annotate":
+            from datapipes.annotate import main as annotate_main
+
+            return annotate_main(args)
         if args.verb == "data" and args.data_verb == "group":
             from datapipes.convert.common import ConvertError
             from datapipes.convert.group import write_group
