@@ -18,7 +18,7 @@ def commands() -> list[list[str]]:
     out = []
     for line in text.splitlines():
         line = line.split("#")[0].strip()
-        if line.startswith("$C ") or line.startswith("python -m launcher data group"):
+        if line.startswith(("$C ", "python -m launcher data group")):
             out.append(shlex.split(line))
     return out
 
