@@ -30,6 +30,7 @@ setup(
         "pandas>=2",
         "gguf>=0.10",
         "psutil",
+        "tqdm>=4.60",  # launcher data convert's progress bar
     ],
     extras_require={
         "gpu": ["flash-attn>=2.6"],

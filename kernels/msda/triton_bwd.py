@@ -8,8 +8,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .autotune import gather_configs, prune_gather_configs, prune_row_configs, row_configs
-from .triton_fwd import bilinear_point, corner, load_corner
+from .autotune import gather_configs, prune_gather_configs, prune_row_configs, row_configs, rows_bucket
+from .triton_fwd import bilinear_point, corners, device_guard, load_corner
 
 
 @triton.jit
@@ -27,9 +27,10 @@ def scatter_corner(grad_value_ptr, keys_ptr, corner_w_ptr, entry, vrow, inside, 
 
 @triton.autotune(
     configs=row_configs(),
-    key=["n_rows", "D", "L", "P", "DETERMINISTIC"],
-    prune_configs_by={"early_config_prune": prune_row_configs},
+    key=["ROWS_BUCKET", "D", "L", "P", "DETERMINISTIC"],
+    prune_configs_by={"early_config_prune": prune_row_configs},  # DETERMINISTIC -> one fixed config
     reset_to_zero=["grad_value_ptr"],  # atomics accumulate: every tuning run must start from zero
+    cache_results=True,
 )
 @triton.jit
 def msda_bwd_kernel(
@@ -48,6 +49,7 @@ def msda_bwd_kernel(
     S,
     M,
     n_vrows,  # N * S * M, also the "outside the image" key
+    ROWS_BUCKET,  # next power of two of n_rows: the autotune key, not used in the body
     D: tl.constexpr,
     L: tl.constexpr,
     P: tl.constexpr,
@@ -78,10 +80,7 @@ def msda_bwd_kernel(
             x0, y0, lx, ly, a = bilinear_point(loc_ptr, attn_ptr, point, row_mask, H, W)
             hx = 1 - lx
             hy = 1 - ly
-            r00, in00 = corner(x0, y0, H, W, start, head, M, row_mask)
-            r01, in01 = corner(x0 + 1, y0, H, W, start, head, M, row_mask)
-            r10, in10 = corner(x0, y0 + 1, H, W, start, head, M, row_mask)
-            r11, in11 = corner(x0 + 1, y0 + 1, H, W, start, head, M, row_mask)
+            r00, r01, r10, r11, in00, in01, in10, in11 = corners(x0, y0, H, W, start, S, head, M, row_mask)
             # <grad_out, value> at each corner: four reductions over D, then everything is per point
             gv00 = tl.sum(g * load_corner(value_ptr, r00, in00, d, d_mask, D), axis=1)
             gv01 = tl.sum(g * load_corner(value_ptr, r01, in01, d, d_mask, D), axis=1)
@@ -167,11 +166,13 @@ def msda_backward(grad_output, value, spatial_shapes, level_start_index, samplin
         keys = corner_w = unused
 
     grid = lambda meta: (triton.cdiv(n_rows, meta["BLOCK_R"]), N)
-    msda_bwd_kernel[grid](
-        value, spatial_shapes, level_start_index, sampling_locations, attention_weights, grad_output,
-        grad_value_acc, grad_loc, grad_attn, keys, corner_w,
-        n_rows, S, M, n_vrows, D=D, L=L, P=P, BLOCK_D=triton.next_power_of_2(D), DETERMINISTIC=deterministic,
-    )
+    with device_guard(value):
+        msda_bwd_kernel[grid](
+            value, spatial_shapes, level_start_index, sampling_locations, attention_weights, grad_output,
+            grad_value_acc, grad_loc, grad_attn, keys, corner_w,
+            n_rows, S, M, n_vrows, rows_bucket(n_rows), D=D, L=L, P=P, BLOCK_D=triton.next_power_of_2(D),
+            DETERMINISTIC=deterministic,
+        )
     if not deterministic:
         return grad_value_acc.to(value.dtype), grad_loc, grad_attn
 
@@ -180,8 +181,9 @@ def msda_backward(grad_output, value, spatial_shapes, level_start_index, samplin
     segments = torch.searchsorted(sorted_keys, torch.arange(n_vrows + 1, device=value.device, dtype=keys.dtype))
     grad_value = torch.empty_like(value)
     grid = lambda meta: (triton.cdiv(n_vrows, meta["BLOCK_V"]),)
-    msda_gather_grad_value_kernel[grid](
-        grad_output, perm, corner_w, segments, grad_value,
-        n_vrows, D=D, ENTRIES_PER_ROW=L * P * 4, BLOCK_D=triton.next_power_of_2(D),
-    )
+    with device_guard(value):
+        msda_gather_grad_value_kernel[grid](
+            grad_output, perm, corner_w, segments, grad_value,
+            n_vrows, D=D, ENTRIES_PER_ROW=L * P * 4, BLOCK_D=triton.next_power_of_2(D),
+        )
     return grad_value, grad_loc, grad_attn
