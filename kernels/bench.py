@@ -160,6 +160,21 @@ def provider_fn(provider, mode, problem, deterministic):
             v, shapes, starts, refs, o, lg, backend="triton", deterministic=deterministic
         )
         loc, attn = pixel_offsets, logits
+    elif provider == "triton_native_atomics":  # backward scatters fp16/bf16 atomics straight into grad_value
+        op = lambda v, l, a: ms_deform_attn(v, shapes, starts, l, a, backend="triton", deterministic=False)
+        if mode == "fwd":
+            return (lambda: op(value, loc, attn)), []
+        v, l, a = (x.detach().requires_grad_() for x in (value, loc, attn))
+        grad = torch.randn(v.shape[0], l.shape[1], v.shape[2] * v.shape[3], device=v.device, dtype=v.dtype)
+
+        def native():
+            os.environ["SEGCAP_MSDA_NATIVE_ATOMICS"] = "1"  # read by the backward; set only around this call
+            try:
+                op(v, l, a).backward(grad)
+            finally:
+                os.environ.pop("SEGCAP_MSDA_NATIVE_ATOMICS", None)
+
+        return native, [v, l, a]
     elif provider == "triton":
         op = lambda v, l, a: ms_deform_attn(
             v, shapes, starts, l, a, backend="triton", deterministic=deterministic
@@ -275,6 +290,7 @@ def perf_reports(runner, args, providers):
     import triton.testing
 
     names = {"triton": "Triton", "triton_fused": "Triton fused prologue", "reference": "grid_sample",
+             "triton_native_atomics": "Triton, native half atomics",
              "cuda_ext": "CUDA ext (fp32)"}
     benchmarks = [
         triton.testing.Benchmark(
@@ -345,7 +361,8 @@ def parse_args(argv, on_cuda):
     p.add_argument("--batch", nargs="+", type=int, default=[1, 2, 4, 8] if on_cuda else [1, 2])
     p.add_argument("--precision", nargs="+", choices=list(DTYPES), default=list(DTYPES))
     p.add_argument("--mode", nargs="+", choices=["fwd", "fwd_bwd"], default=["fwd", "fwd_bwd"])
-    p.add_argument("--providers", nargs="+", choices=["triton", "triton_fused", "reference", "cuda_ext"],
+    p.add_argument("--providers", nargs="+",
+                   choices=["triton", "triton_fused", "triton_native_atomics", "reference", "cuda_ext"],
                    help="default: triton, triton_fused, reference, and cuda_ext when MultiScaleDeformableAttention "
                         "imports (its absence is reported as a skip)")
     p.add_argument("--offsets", nargs="+", choices=["local", "uniform"], default=["local"],

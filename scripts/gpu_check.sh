@@ -5,7 +5,8 @@
 #   2. the first call's time (compile + autotune) in a fresh Triton cache, then again in a second process that
 #      finds the cache (the disk-cached autotune result must make it cheap);
 #   3. the benchmark: Mask2Former and 4-level shapes, batch 1 and 8, fp32 and bf16, fwd and fwd+bwd, local and
-#      uniform offsets, dispatch and CUDA-graph times, HBM and L1 floors;
+#      uniform offsets, dispatch and CUDA-graph times, HBM and L1 floors; the backward's three grad_value paths
+#      (fp32-buffer atomics, native half atomics, deterministic sort + gather);
 # and writes $OUT/gpu_check.json (everything) and $OUT/gpu_check.png (kernel time per provider).
 # Usage: bash scripts/gpu_check.sh [OUT_DIR]   (default runs/gpu_check; the device tool's $OUT when set)
 # Needs: python3 with torch (CUDA), triton, pytest, pytest-timeout, matplotlib. Nothing else of segcap.
@@ -49,9 +50,14 @@ for attempt in fresh cached; do
 done
 
 echo "== 3. benchmark"
-timeout 330 "$py" -m kernels.bench --shapes mask2former openseed --batch 1 8 --precision fp32 bf16 \
+timeout 300 "$py" -m kernels.bench --shapes mask2former openseed --batch 1 8 --precision fp32 bf16 \
     --mode fwd fwd_bwd --offsets local uniform --out-dir "$out/bench" --json "$out/bench.json" \
+    --providers triton triton_fused triton_native_atomics reference cuda_ext \
     --memory-shapes mask2former openseed 2>&1 | tail -n 60 | tee "$out/bench.log" || status=1
+echo "== 3b. the deterministic (sort + gather) backward, to set against the atomic rows above"
+timeout 90 "$py" -m kernels.bench --shapes mask2former --batch 1 8 --precision fp32 bf16 --mode fwd_bwd \
+    --providers triton --deterministic --out-dir "$out/bench_det" --json "$out/bench_deterministic.json" \
+    --memory-shapes 2>&1 | tail -n 20 | tee "$out/bench_deterministic.log" || status=1
 
 echo "== summary"
 "$py" - "$out" "$started" "$status" <<'PY'
@@ -70,7 +76,8 @@ try:
 except Exception as e:
     tests = {"error": str(e)}
 bench = load("bench.json")
-summary = {"seconds": round(time.time() - started, 1), "exit_status": status, "tests": tests,
+deterministic = load("bench_deterministic.json")
+summary = {"deterministic_backward": deterministic.get("rows", deterministic),"seconds": round(time.time() - started, 1), "exit_status": status, "tests": tests,
            "first_call_s": {"fresh_cache": load("first_call_fresh.json"), "cached": load("first_call_cached.json")},
            "bench": bench}
 with open(os.path.join(out, "gpu_check.json"), "w") as f:

@@ -110,3 +110,19 @@ def test_cuda_deterministic_backward_is_bit_identical_across_processes(tmp_path)
         assert p.returncode == 0, p.stderr[-3000:]
         digests.append(p.stdout.strip().splitlines()[-1])
     assert digests[0] == digests[1]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_cuda_native_half_atomics_stay_within_half_precision_of_the_reference(dtype, monkeypatch):
+    from kernels.msda.triton_bwd import native_atomics_apply
+
+    value, shapes, starts, loc, attn = on_gpu(make_inputs(CASES["base"], seed=12, dtype=dtype))
+    monkeypatch.setenv("SEGCAP_MSDA_NATIVE_ATOMICS", "1")
+    if not native_atomics_apply(value):
+        pytest.skip(f"no native {dtype} atomics on this GPU")
+    loc = loc.float()
+    grad_out = grad_out_like(value, loc, seed=12).cuda()
+    expected = grads("reference", value.float(), shapes, starts, loc, attn.float(), grad_out.float())
+    actual = grads("triton", value, shapes, starts, loc, attn, grad_out)
+    assert actual[1].dtype == dtype
+    assert_rel(actual[1].float(), expected[1], 2e-2, "grad_value")

@@ -4,6 +4,8 @@ grad_value is a scatter. Default: fp32 atomics into an fp32 buffer, cast at the 
 Deterministic: each corner's weight and target pixel are written out, stably sorted by pixel, then gathered.
 """
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -22,7 +24,9 @@ def scatter_corner(grad_value_ptr, keys_ptr, corner_w_ptr, entry, vrow, inside, 
         tl.store(corner_w_ptr + entry, tl.where(inside, w, 0.0), mask=row_mask)
     else:
         ptrs = grad_value_ptr + vrow[:, None] * D + d[None, :]
-        tl.atomic_add(ptrs, w[:, None] * g, mask=inside[:, None] & d_mask[None, :], sem="relaxed")
+        # into an fp32 buffer, or (native_atomics) straight into value's fp16/bf16 gradient
+        tl.atomic_add(ptrs, (w[:, None] * g).to(grad_value_ptr.dtype.element_ty),
+                      mask=inside[:, None] & d_mask[None, :], sem="relaxed")
 
 
 @triton.autotune(
@@ -144,6 +148,18 @@ def msda_gather_grad_value_kernel(
     tl.store(out_ptrs, acc.to(grad_value_ptr.dtype.element_ty), mask=vmask[:, None] & d_mask[None, :])
 
 
+NATIVE_ATOMICS_ENV = "SEGCAP_MSDA_NATIVE_ATOMICS"
+
+
+def native_atomics_apply(value):
+    """SEGCAP_MSDA_NATIVE_ATOMICS=1 and a half-precision value on a GPU with native atomics for it (fp16 from
+    sm_70, bf16 from sm_90). Off by default: experimental, for the benchmark to measure against the fp32 buffer."""
+    if os.environ.get(NATIVE_ATOMICS_ENV, "") not in ("1", "true") or not value.is_cuda:
+        return False
+    major = torch.cuda.get_device_capability(value.device)[0]
+    return (value.dtype == torch.float16 and major >= 7) or (value.dtype == torch.bfloat16 and major >= 9)
+
+
 def msda_backward(grad_output, value, spatial_shapes, level_start_index, sampling_locations, attention_weights,
                   deterministic=False):
     """Gradients (value, sampling_locations, attention_weights), each in its input's dtype. Contiguous inputs."""
@@ -162,7 +178,10 @@ def msda_backward(grad_output, value, spatial_shapes, level_start_index, samplin
         keys = value.new_empty(n_entries, dtype=key_dtype)
         corner_w = value.new_empty(n_entries, dtype=torch.float32)
     else:
-        grad_value_acc = torch.zeros(value.shape, dtype=torch.float32, device=value.device)
+        # fp32 buffer + one cast at the end, or (opt-in) native fp16/bf16 atomics into the gradient itself:
+        # half the scatter bytes, no cast pass, but each add rounds to 8 (bf16) or 11 (fp16) mantissa bits
+        acc_dtype = value.dtype if native_atomics_apply(value) else torch.float32
+        grad_value_acc = torch.zeros(value.shape, dtype=acc_dtype, device=value.device)
         keys = corner_w = unused
 
     grid = lambda meta: (triton.cdiv(n_rows, meta["BLOCK_R"]), N)
