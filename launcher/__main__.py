@@ -57,11 +57,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.verb == "train":
             from launcher.train import train
 
-            return train(load_config(args.config, args.overrides))
+            return train(_with_model_files(load_config(args.config, args.overrides)))
         if args.verb == "eval":
             from launcher.evaluate import evaluate_checkpoint
 
-            return evaluate_checkpoint(load_config(args.config, args.overrides))
+            return evaluate_checkpoint(_with_model_files(load_config(args.config, args.overrides)))
         if args.verb == "demo":
             from launcher.demo import demo
 
@@ -106,6 +106,18 @@ def main(argv: list[str] | None = None) -> int:
         print(f"config error: {e}", file=sys.stderr)
         return 2
     return 1
+
+
+def _with_model_files(cfg):
+    """The config, once every model file it names is there (else a one-line ConfigError, before any
+    process group or DeepSpeed engine starts)."""
+    from modeling.weights import ModelPathError, check_model_paths
+
+    try:
+        check_model_paths(cfg.model)
+    except ModelPathError as e:
+        raise ConfigError(str(e)) from None
+    return cfg
 
 
 if __name__ == "__main__":
