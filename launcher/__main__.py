@@ -13,7 +13,7 @@ if __name__ == "__main__" and sys.argv[1:2] == ["train"]:
 
     stop.install()  # before any heavy import: a preemption signal during start-up must not kill the rank
 
-from launcher.config import ConfigError, load_config  # noqa: E402
+from launcher.config import ConfigError, load_config
 
 
 def main(argv: list[str] | None = None) -> int:

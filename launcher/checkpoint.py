@@ -75,9 +75,12 @@ def save(engine, ckpt_dir: Path, step: int, client_state: dict, info: DistInfo, 
             str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False, exclude_frozen_parameters=True
         )
         torch.save(rng_state(), path / f"rng_rank{info.rank:05d}.pt")
-    except (OSError, RuntimeError) as e:  # disk full, quota, I/O error (torch.save wraps some in RuntimeError)
-        raise SaveError(f"checkpoint save of step {step} to {path} failed on rank {info.rank}: {e}. It is not "
-                        f"marked {MARKER} and will not be resumed from; the previous one is untouched") from e
+    except (OSError, RuntimeError) as e:  # disk full, quota, I/O error; torch.save reports ENOSPC as
+        free = shutil.disk_usage(ckpt_dir).free  # "enforce fail ... unexpected pos", hence the free space
+        full = ": the disk is full" if free < 2**20 else ""
+        raise SaveError(f"checkpoint save of step {step} to {path} failed on rank {info.rank}: {e} ({free} bytes "
+                        f"free there{full}). It is not marked {MARKER} and will not be resumed from; the previous "
+                        f"one is untouched") from e
     barrier()
     if info.is_main:
         tmp = path / (MARKER + ".tmp")

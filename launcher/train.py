@@ -19,7 +19,8 @@ import yaml
 from launcher import checkpoint, dist
 from launcher.config import RunConfig, flatten, to_dict
 from launcher.engine import build_run, render_ds_config
-from launcher.stop import install as install_signal_handlers, received as received_signal
+from launcher.stop import install as install_signal_handlers
+from launcher.stop import received as received_signal
 from launcher.tracking import Tracker, run_tags
 
 EXIT_OK = 0
@@ -127,7 +128,8 @@ def train(cfg: RunConfig) -> int:
                 engine, ckpt_dir, step, {"step": step, "mlflow_run_id": run_id}, info, cfg.train.keep_checkpoints
             )
         if preempt and step < cfg.train.steps:
-            why = f"signal {stop.signum}" if stop.signum is not None else "time budget"
+            why = (f"signal {stop.signum}" if stop.signum is not None
+                   else "time budget" if over_budget else "a signal to another rank")
             log0(info, f"stopping at step {step} ({why}); checkpoint saved, exit {EXIT_REQUEUE} to requeue")
             tracker.finish("KILLED")
             dist.barrier()  # leave together: a launcher may kill the others once one rank exits

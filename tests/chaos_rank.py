@@ -14,7 +14,6 @@ import importlib.machinery
 import json
 import os
 import runpy
-import signal
 import sys
 import threading
 import time
@@ -29,7 +28,7 @@ counts = {"step": 0, "save": 0, "eval": 0}
 def _log(row: dict) -> None:
     if LOG:
         with open(LOG, "a") as f:
-            f.write(json.dumps({"rank": int(os.environ.get("RANK", 0)), "t": time.time() - T0, **row}) + "\n")
+            f.write(json.dumps({"rank": int(os.environ.get("RANK", "0")), "t": time.time() - T0, **row}) + "\n")
 
 
 def _fire() -> None:

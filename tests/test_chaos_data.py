@@ -15,7 +15,7 @@ from datapipes.order import SourceOrder, TarIndex
 from datapipes.schema import SPECIAL_TOKENS, BadSample
 from datapipes.synthetic import build_tokenizer, write_synthetic
 
-SIZES = dict(num_image_tokens=16, clip_size=32, sam_size=48)
+SIZES = {"num_image_tokens": 16, "clip_size": 32, "sam_size": 48}
 
 
 def test_shard_cut_short_or_deleted_after_indexing_reads_as_tar_skips(tmp_path):
