@@ -4,6 +4,7 @@ through forward and backward, both from the model's own forward (gradient checkp
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import weakref
 from dataclasses import dataclass
@@ -91,10 +92,10 @@ def build_fake(cfg: RunConfig, mode: FakeTensorMode, gradient_checkpointing: boo
     return model
 
 
-def sample_batch(model, mode: FakeTensorMode, batch_size: int, seq_len: int, seg_per_sample: int = 1) -> dict:
+def sample_batch(model, mode: FakeTensorMode | None, batch_size: int, seq_len: int, seg_per_sample: int = 1) -> dict:
     """A training batch of `batch_size` samples of `seq_len` tokens: <s>, the image tokens, text whose
     second half is the labelled answer holding `seg_per_sample` [SEG]s, each with a square mask. Integer
-    inputs and masks are real; pixels are fake."""
+    inputs and masks are real; pixels are fake under `mode` (zeros without one)."""
     n_img, size = model.num_image_tokens, model.mask_size
     if seq_len < n_img + 4 + seg_per_sample:
         raise ValueError(f"sequence length {seq_len} leaves no room for text after {n_img} image tokens")
@@ -109,9 +110,9 @@ def sample_batch(model, mode: FakeTensorMode, batch_size: int, seq_len: int, seg
     mask = torch.zeros(seg_per_sample, size, size, dtype=torch.uint8)
     mask[:, size // 4 : size // 2, size // 4 : size // 2] = 1
     clip = model.cfg.vision.image_size
-    with mode:
-        clip_pixels = torch.empty(batch_size, 3, clip, clip)
-        sam_pixels = torch.empty(batch_size, 3, size, size)
+    with mode or contextlib.nullcontext():
+        clip_pixels = torch.zeros(batch_size, 3, clip, clip)
+        sam_pixels = torch.zeros(batch_size, 3, size, size)
     return {
         "input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels,
         "clip_pixels": clip_pixels, "sam_pixels": sam_pixels, "gt_masks": [mask.clone() for _ in range(batch_size)],
