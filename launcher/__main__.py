@@ -113,6 +113,11 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
+    except (FileNotFoundError, FileExistsError, ValueError) as e:
+        if args.verb not in ("export", "infer"):
+            raise
+        print(f"{args.verb}: {e}", file=sys.stderr)  # a wrong path or input file: one line, no traceback
+        return 2
     return 1
 
 

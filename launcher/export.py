@@ -32,9 +32,9 @@ PARTS = {"llm.": "llm", "vision.clip.": "vision", "segmenter.sam.": "sam"}
 
 def export(run_dir: Path, out: Path, step: int | None = None, lora_only: bool = False, max_shard_size: str = "2GB") -> Path:
     """Write the export folder of `run_dir`'s checkpoint at `step` (None: the latest) to `out`."""
-    from launcher.tokenizer import make_tokenizer
-    from modeling import build_model
     from safetensors.torch import save_file
+
+    from launcher.tokenizer import make_tokenizer
 
     run_dir, out = Path(run_dir), Path(out)
     config_file = run_dir / "config.yaml"
@@ -46,7 +46,7 @@ def export(run_dir: Path, out: Path, step: int | None = None, lora_only: bool = 
         raise FileExistsError(f"--out {out} exists and is not empty")
 
     tokenizer = make_tokenizer(cfg.model.llm)
-    model = build_model(cfg.model, tokenizer)
+    model = build_like_training(cfg, tokenizer)
     load_trained(model, checkpoint.trainable_weights(ckpt), ckpt)
     model.eval()
 
@@ -79,6 +79,37 @@ def export(run_dir: Path, out: Path, step: int | None = None, lora_only: bool = 
             "max_length": cfg.data.max_length}
     (out / CONFIG_FILE).write_text(yaml.safe_dump({"model": mcfg, "export": meta}, sort_keys=False))
     return out
+
+
+def build_like_training(cfg, tokenizer):
+    """The run's model on this process, with the frozen weights the run had. Folders give them as they
+    are; random parts (tiny models) are drawn differently under ZeRO-3's zero.Init than without it
+    (docs/LEARNED.md), so a ZeRO-3 run's model is built that way (one rank) and copied out whole."""
+    from modeling import build_model
+
+    m = cfg.model
+    if cfg.train.zero_stage != 3 or all((m.llm.path, m.vision.path, m.pixel_encoder.path)):
+        return build_model(m, tokenizer)
+    import deepspeed
+    from transformers.integrations import HfDeepSpeedConfig
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+    from launcher import dist
+    from launcher.engine import render_ds_config
+    from launcher.tokenizer import make_tokenizer
+
+    info = dist.DistInfo(rank=0, local_rank=0, world_size=1, backend="gloo", source="single")
+    dist.init(info)  # zero.Init needs a process group: one rank of its own
+    dschf = HfDeepSpeedConfig(render_ds_config(cfg, info))
+    zero_model = build_model(m, make_tokenizer(m.llm), dschf=dschf)
+    unset_hf_deepspeed_config()
+    del dschf
+    model = build_model(m, tokenizer)
+    params = dict(zero_model.named_parameters())
+    with deepspeed.zero.GatheredParameters(list(params.values())), torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(params[name])
+    return model
 
 
 def load_trained(model: torch.nn.Module, weights: dict[str, torch.Tensor], source: Path) -> None:

@@ -2,8 +2,10 @@
 Face-style folder; reloading it gives the training model's logits and masks, the --lora-only folder loads
 with peft, and `infer` on the export reproduces evaluation's answer and masks for the same val sample."""
 
-import io
 import json
+import os
+import subprocess
+import sys
 import tarfile
 from pathlib import Path
 
@@ -14,6 +16,7 @@ import torch
 from distributed import run_distributed
 
 pytestmark = [pytest.mark.dist, pytest.mark.slow]
+REPO = Path(__file__).resolve().parent.parent
 STEPS = 12
 
 
@@ -73,12 +76,19 @@ def trained(tmp_path_factory):
     return root, run_dir, ref
 
 
+def export_cli(*args: str) -> None:
+    """The verb in its own process (it may join a one-rank process group to rebuild ZeRO-3's init)."""
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
+    res = subprocess.run([sys.executable, "-m", "launcher", "export", *args], cwd=REPO, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+
+
 @pytest.fixture(scope="module")
 def merged(trained):
-    from launcher.export import export
-
     root, run_dir, _ = trained
-    return export(run_dir, root / "merged", max_shard_size="200KB")
+    export_cli("--run", str(run_dir), "--out", str(root / "merged"), "--max-shard-size", "200KB")
+    return root / "merged"
 
 
 def test_export_folder_holds_every_part_and_the_tokenizer(merged):
@@ -94,7 +104,7 @@ def test_export_folder_holds_every_part_and_the_tokenizer(merged):
     assert "ASSISTANT" in tok.chat_template
 
 
-def test_export_reloads_with_the_training_models_logits_and_masks(trained, merged):
+def test_export_reloads_with_the_training_models_logits_and_masks(trained, merged, capsys):
     from launcher.export import load_export
 
     root, run_dir, ref = trained
@@ -118,16 +128,22 @@ def test_export_reloads_with_the_training_models_logits_and_masks(trained, merge
     with torch.no_grad():
         untrained = _outputs(fresh, ref["batch"], 1)["logits"]
     assert (untrained - ref["logits"]).abs().max() > 100 * 1e-4
+    # and the export holds the step asked for, or says which steps exist
+    from launcher.__main__ import main
+
+    assert main(["export", "--run", str(run_dir), "--step", "7", "--out", str(root / "never")]) == 2
+    assert f"no complete checkpoint of step 7 under {run_dir / 'checkpoints'}; complete: [{STEPS}]" in capsys.readouterr().err
 
 
 def test_lora_only_export_loads_with_peft_and_equals_the_merged_llm(trained, merged):
     from peft import PeftModel
     from transformers import LlamaForCausalLM
 
-    from launcher.export import export, load_export
+    from launcher.export import load_export
 
-    root, _, ref = trained
-    folder = export(trained[1], root / "adapter_only", lora_only=True)
+    root, run_dir, ref = trained
+    folder = root / "adapter_only"
+    export_cli("--run", str(run_dir), "--out", str(folder), "--lora-only")
     assert (folder / "adapter" / "adapter_config.json").is_file()
     assert (folder / "adapter" / "adapter_model.safetensors").is_file()
     base = LlamaForCausalLM.from_pretrained(folder / "llm")
