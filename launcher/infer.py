@@ -102,14 +102,14 @@ class Predictor:
     def __call__(self, image: Image.Image, prompt: str) -> tuple[dict, list[np.ndarray]]:
         from pycocotools import mask as mask_utils
 
-        from datapipes.collate import clip_pixels, sam_pixels
+        from datapipes.collate import clip_frame, normalize_pixels, sam_frame
 
         image = image.convert("RGB")
-        sam, frame_hw = sam_pixels(image, self.sam_size)
+        sam, frame_hw = sam_frame(image, self.sam_size)
+        clip, sam = normalize_pixels(clip_frame(image, self.clip_size)[None].to(self.device), sam[None].to(self.device),
+                                     torch.tensor([frame_hw], device=self.device))
         ids = prompt_ids(prompt, self.tokenizer, self.image_id, self.model.num_image_tokens)
-        (pred,) = self.model.predict(
-            [ids], clip_pixels(image, self.clip_size)[None].to(self.device), sam[None].to(self.device), self.max_new_tokens
-        )
+        (pred,) = self.model.predict([ids], clip, sam, self.max_new_tokens)
         masks = [to_original(m, frame_hw, (image.height, image.width)) for m in pred.masks]
         rles = []
         for m in masks:
