@@ -66,6 +66,7 @@ def build_meta(cfg: RunConfig, gradient_checkpointing: bool | None = None):
         llm=dataclasses.replace(cfg.model.llm, path=None, gguf_file=None, gradient_checkpointing=ckpt),
         vision=dataclasses.replace(cfg.model.vision, path=None),
         pixel_encoder=dataclasses.replace(cfg.model.pixel_encoder, path=None),
+        init_from=[],  # no weights: shapes only
     )
     with torch.device("meta"):
         return build_model(m, standin_tokenizer(m))

@@ -1,6 +1,7 @@
 """Preflight of a run config on a login node (part of `launcher plan`): model folders readable, the
 tokenizer with its special tokens, every data source's manifest, shards against ranks x workers and
-token lengths against data.max_length, and the checkpoint a run would resume from. Nothing is trained."""
+token lengths against data.max_length, the checkpoint a run would resume from (and its world size) and the
+model.init_from sources. Nothing is trained."""
 
 from __future__ import annotations
 
@@ -32,6 +33,9 @@ def preflight(cfg: RunConfig, world_size: int) -> list[Finding]:
     for i, source in enumerate(cfg.data.val):
         found += _source(cfg, f"data.val[{i}] {source.name}", source.path, tokenizer, slots=None)
     found += _checkpoint(cfg, world_size)
+    for i, src in enumerate(cfg.model.init_from):
+        if not Path(src.path).exists():
+            found.append(Finding("error", f"model.init_from[{i}].path", f"{src.path} does not exist"))
     return found
 
 

@@ -108,3 +108,98 @@ def write_reasonseg(root: Path, split: str = "train", n: int = 3, seed: int = 0)
                         {"label": "target", "points": small}, {"label": "flag", "points": [[0, 0], [1, 0], [1, 1]]}]}
         (folder / f"img{i}.json").write_text(json.dumps(d))
     return root / "ReasonSeg"
+
+
+def rle_str(mask: np.ndarray) -> dict:
+    r = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
+    return {"size": [int(v) for v in r["size"]], "counts": r["counts"].decode()}
+
+
+def blocks(h: int, w: int, values: list[int], background: int) -> np.ndarray:
+    """A label map: vertical bands of `values` over the right half, `background` on the left."""
+    label = np.full((h, w), background, np.uint8)
+    for i, v in enumerate(values):
+        label[:, w // 2 + i * (w // 2) // len(values) : w // 2 + (i + 1) * (w // 2) // len(values)] = v
+    return label
+
+
+def write_label_png(path: Path, label: np.ndarray, palette: bool = False) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    im = Image.fromarray(label)
+    if palette:  # Mapillary's PNGs are palette images whose index is the class
+        im = Image.frombytes("P", (label.shape[1], label.shape[0]), label.tobytes())
+        im.putpalette([c for i in range(256) for c in (i, 255 - i, (7 * i) % 256)])
+    im.save(path)
+
+
+def write_coco_parts(root: Path, names: list[str], file_prefix: str, n: int = 3, seed: int = 0) -> dict:
+    """A COCO-style part file (PACO-LVIS / PASCAL-Part): RLE and polygon annotations, two of one category."""
+    rng = random.Random(seed)
+    images, anns = [], []
+    for i in range(n):
+        h, w = rng.randint(30, 44), rng.randint(30, 44)
+        name = f"{file_prefix}{i:06d}.jpg"
+        images.append({"id": 10 + i, "file_name": name, "height": h, "width": w})
+        write_jpeg(root / "photos" / name, h, w, seed + i)
+        for k, cat in enumerate([1, 2, 2, 3]):
+            if k % 2:
+                segm = [polygon(rng, h, w)]
+            else:
+                m = np.zeros((h, w), np.uint8)
+                m[k * 3 : k * 3 + 8, k * 4 : k * 4 + 9] = 1
+                segm = rle_str(m)
+            anns.append({"id": len(anns), "image_id": 10 + i, "category_id": cat, "segmentation": segm,
+                         "bbox": [0, 0, 1, 1], "area": 1, "iscrowd": 0})
+    data = {"images": images, "annotations": anns,
+            "categories": [{"id": c + 1, "name": nm} for c, nm in enumerate(names)]}
+    return data
+
+
+def write_panoptic(root: Path, n: int = 2, seed: int = 0) -> dict:
+    """annotations/panoptic_train2017.json + annotations/panoptic_train2017/*.png (ids as R + 256 G + 256^2 B)
+    and coco/train2017/*.jpg."""
+    rng = random.Random(seed)
+    cats = [{"id": 1, "name": "person", "isthing": 1}, {"id": 7, "name": "car", "isthing": 1},
+            {"id": 187, "name": "wall-other-merged", "isthing": 0}, {"id": 184, "name": "tree-merged", "isthing": 0}]
+    images, anns, segs_of = [], [], {}
+    for i in range(n):
+        h, w = rng.randint(32, 48), rng.randint(32, 48)
+        name = f"{i:012d}"
+        write_jpeg(root / "coco" / "train2017" / f"{name}.jpg", h, w, seed + i)
+        ids = np.zeros((h, w), np.int64)
+        ids[: h // 2, :] = 300 + 65536 * 2  # wall: an id that needs the blue channel
+        ids[h // 2 :, : w // 3] = 5001  # tree
+        ids[h // 2 :, w // 3 : w // 2] = 7
+        ids[h // 2 :, w // 2 + 2 :] = 8  # two persons: merged into one node
+        ids[h - 3 :, w // 2 : w // 2 + 2] = 9  # car
+        info = [{"id": 300 + 65536 * 2, "category_id": 187}, {"id": 5001, "category_id": 184},
+                {"id": 7, "category_id": 1}, {"id": 8, "category_id": 1}, {"id": 9, "category_id": 7}]
+        rgb = np.stack([ids % 256, ids // 256 % 256, ids // 65536], -1).astype(np.uint8)
+        (root / "annotations" / "panoptic_train2017").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rgb).save(root / "annotations" / "panoptic_train2017" / f"{name}.png")
+        images.append({"id": i, "file_name": f"{name}.jpg", "height": h, "width": w})
+        anns.append({"image_id": i, "file_name": f"{name}.png", "segments_info": info})
+        segs_of[i] = (ids, info)
+    (root / "annotations" / "panoptic_train2017.json").write_text(
+        json.dumps({"images": images, "annotations": anns, "categories": cats}))
+    return segs_of
+
+
+def write_llava(root: Path) -> list[dict]:
+    """LLaVA records (pretrain and instruct share the schema) with photos under images/."""
+    records = []
+    for i in range(4):
+        rel = f"{i // 2:05d}/{i:09d}.jpg"
+        write_jpeg(root / "images" / rel, 24 + i, 30, i)
+        records.append({"id": f"{i:09d}", "image": rel, "conversations": [
+            {"from": "human", "value": "What is this?\n<image>" if i % 2 else f"<image>\nDescribe {i}."},
+            {"from": "gpt", "value": f"A picture number {i}."},
+            {"from": "human", "value": "And then?"}, {"from": "gpt", "value": "Nothing else."}][: 2 + 2 * (i % 2)]})
+    png = root / "images" / "00009" / "png_photo.png"  # a photo that is not a JPEG
+    png.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.full((20, 22, 3), 120, np.uint8)).save(png)
+    records.append({"id": "png", "image": "00009/png_photo.png",
+                    "conversations": [{"from": "gpt", "value": "dropped"}, {"from": "human", "value": "<image>\nQ?"},
+                                      {"from": "gpt", "value": "A."}]})
+    records.append({"id": "textonly", "conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "yo"}]})
+    return records

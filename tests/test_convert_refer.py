@@ -232,7 +232,7 @@ def test_converted_sets_grouped_load_through_the_training_loader(refcoco, tmp_pa
     tok = build_tokenizer()
     tok.add_special_tokens({"additional_special_tokens": list(SPECIAL_TOKENS)})
     cfg = DataConfig(train=[SourceConfig(name="refer_seg", path=str(tmp_path / "refer_seg"))], val=[], batch_size=2,
-                     num_workers=0, shuffle_buffer=4, max_length=200)
+                     num_workers=0, max_length=200)
     loader = build_train_loader(cfg, tok, num_image_tokens=4, clip_size=32, sam_size=48, rank=0, world_size=1, seed=0)
     batch = next(iter(loader))
     assert batch.sam_pixels.shape == (2, 3, 48, 48) and batch.tasks == ["referring", "referring"]

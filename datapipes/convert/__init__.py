@@ -17,6 +17,17 @@ REGISTRY: dict[str, tuple[str, dict]] = {
     "refcocog": ("refer:ReferConverter", {"split_by": "umd"}),
     "grefcoco": ("refer:GReferConverter", {"split_by": "unc"}),
     "reasonseg": ("reasonseg:ReasonSegConverter", {}),
+    "ade20k": ("semseg:ADE20KConverter", {}),
+    "cocostuff": ("semseg:CocoStuffConverter", {}),
+    "mapillary": ("semseg:MapillaryConverter", {}),
+    "paco_lvis": ("parts:PacoLvisConverter", {}),
+    "pascal_part": ("parts:PascalPartConverter", {}),
+    "coco_panoptic": ("panoptic:PanopticConverter", {}),
+    "gcg": ("gcg:GCGConverter", {}),
+    "llava_pretrain": ("llava:LlavaPretrainConverter", {}),
+    "llava_instruct": ("llava:LlavaConverter", {}),
+    "coco_caption": ("llava:CocoCaptionConverter", {}),
+    "mgscdata": ("mgscdata:MGSCDataConverter", {}),
 }
 
 
