@@ -163,6 +163,7 @@ class Plan:
     options: list[Option] = field(default_factory=list)
     recommendation: Option | None = None
     preflight: list[dict] = field(default_factory=list)
+    length_stats: dict = field(default_factory=dict)  # per data source, from preflight
     assumptions: dict = field(default_factory=dict)
 
 
@@ -274,13 +275,18 @@ def main(cfg: RunConfig, args) -> int:
         raise ValueError("--gpus and --gpus-per-node must be >= 1")
     gpu = GPUS[args.gpu]
     cluster = Cluster(gpu, args.gpus, min(args.gpus_per_node, args.gpus), args.inter_node_gbps or gpu.inter_node_gbps)
-    findings = [] if args.no_preflight else preflight(cfg, world_size=args.gpus)
+    stats: dict = {}
+    findings = [] if args.no_preflight else preflight(cfg, world_size=args.gpus, stats=stats)
     for f in findings:
         print(f"{f.level.upper():<8}{f.what}: {f.message}")
     errors = [f for f in findings if f.level == "error"]
     if findings:
         print(f"preflight: {len(errors)} error(s), {len(findings) - len(errors)} warning(s)")
-    plan = estimate(cfg, cluster, args.seq_len, args.global_batch)
+    # Batches are padded to their longest sample, not to data.max_length: plan for the sampled p95.
+    train_p95 = [v["p95"] for k, v in stats.items() if k.startswith("data.train")]
+    seq = args.seq_len or (min(cfg.data.max_length, math.ceil(max(train_p95))) if train_p95 else None)
+    plan = estimate(cfg, cluster, seq, args.global_batch)
+    plan.length_stats = stats
     plan.preflight = [asdict(f) for f in findings]
     print(render(plan))
     if args.json:

@@ -24,14 +24,16 @@ class Finding:
     message: str
 
 
-def preflight(cfg: RunConfig, world_size: int) -> list[Finding]:
+def preflight(cfg: RunConfig, world_size: int, stats: dict | None = None) -> list[Finding]:
+    """Findings, most serious first in each part; `stats` (if given) receives each source's length statistics."""
+    stats = {} if stats is None else stats
     found: list[Finding] = []
     found += _model_folders(cfg)
     tokenizer = _tokenizer(cfg, found)
     for i, source in enumerate(cfg.data.train):
-        found += _source(cfg, f"data.train[{i}] {source.name}", source.path, tokenizer, slots=world_size * max(cfg.data.num_workers, 1))
+        found += _source(cfg, f"data.train[{i}] {source.name}", source.path, tokenizer, world_size * max(cfg.data.num_workers, 1), stats)
     for i, source in enumerate(cfg.data.val):
-        found += _source(cfg, f"data.val[{i}] {source.name}", source.path, tokenizer, slots=None)
+        found += _source(cfg, f"data.val[{i}] {source.name}", source.path, tokenizer, None, stats)
     found += _checkpoint(cfg, world_size)
     for i, src in enumerate(cfg.model.init_from):
         if not Path(src.path).exists():
@@ -98,7 +100,7 @@ def _tokenizer(cfg: RunConfig, found: list[Finding]):
     return tok
 
 
-def _source(cfg: RunConfig, what: str, path: str, tokenizer, slots: int | None) -> list[Finding]:
+def _source(cfg: RunConfig, what: str, path: str, tokenizer, slots: int | None, stats: dict) -> list[Finding]:
     from datapipes.shards import ManifestError, read_manifest
 
     try:
@@ -114,30 +116,38 @@ def _source(cfg: RunConfig, what: str, path: str, tokenizer, slots: int | None) 
             f"reading whole tars to keep 1/{-(-slots // len(shards))} of their samples; write >= {slots} shards",
         ))
     if tokenizer is not None:
-        out += _lengths(cfg, what, [s["url"] for s in shards], tokenizer)
+        out += _lengths(cfg, what, [s["url"] for s in shards], tokenizer, stats)
     return out
 
 
-def _lengths(cfg: RunConfig, what: str, urls: list[str], tokenizer) -> list[Finding]:
-    """Token lengths (image tokens included) of the first samples against data.max_length: the loader
-    skips longer samples as bad, and stops the run past data.max_bad_fraction."""
+def _lengths(cfg: RunConfig, what: str, urls: list[str], tokenizer, stats: dict) -> list[Finding]:
+    """Token lengths (image tokens included) of the first samples against data.max_length, as the loader
+    treats them (datapipes/text.py fit_conversation): longer answers are cut at a phrase boundary, and a
+    sample with no cut that fits is skipped as bad; past data.max_bad_fraction the run stops."""
     import webdataset as wds
 
     from datapipes.schema import BadSample, Sample
-    from datapipes.text import image_token_id, tokenize_conversation
+    from datapipes.text import TooLong, fit_conversation, image_token_id, tokenize_conversation
 
     n_img = (cfg.model.vision.image_size // cfg.model.vision.patch_size) ** 2
     image_id = image_token_id(tokenizer)
-    lengths, invalid = [], 0
+    limit = cfg.data.max_length
+    lengths, cut, dropped, invalid, last = [], 0, 0, 0, None
     try:
         for raw in wds.WebDataset(urls[:8], shardshuffle=False, empty_check=False).slice(SAMPLES_PER_SOURCE):
             try:
-                sample = Sample.from_json(raw["json"])
-                toks = tokenize_conversation(sample.conversation, tokenizer, image_id=image_id, num_image_tokens=n_img, max_length=1 << 30)
-                lengths.append(len(toks.input_ids))
+                conv = Sample.from_json(raw["json"]).conversation
+                n = len(tokenize_conversation(conv, tokenizer, image_id=image_id, num_image_tokens=n_img, max_length=1 << 30).input_ids)
             except (BadSample, KeyError) as e:
-                invalid += 1
-                last = e
+                invalid, last = invalid + 1, e
+                continue
+            lengths.append(n)
+            if n > limit:
+                try:
+                    fit_conversation(conv, tokenizer, image_id=image_id, num_image_tokens=n_img, max_length=limit)
+                    cut += 1
+                except TooLong:
+                    dropped += 1
     except Exception as e:  # noqa: BLE001  (an unreadable tar, whatever webdataset raises: reported)
         return [Finding("error", what, f"cannot read its shards: {e}")]
     out = []
@@ -145,15 +155,14 @@ def _lengths(cfg: RunConfig, what: str, urls: list[str], tokenizer) -> list[Find
         out.append(Finding("warning", what, f"{invalid} of {invalid + len(lengths)} sampled records are invalid (last: {last})"))
     if not lengths:
         return out + [Finding("error", what, "no readable sample in its first shards")]
-    limit = cfg.data.max_length
-    over = sum(n > limit for n in lengths) / len(lengths)
     q = statistics.quantiles(lengths, n=20) if len(lengths) > 1 else [lengths[0]] * 19
-    shape = f"tokens per sample (with {n_img} image tokens) over {len(lengths)} samples: median {q[9]:.0f}, p95 {q[18]:.0f}, max {max(lengths)}"
-    if over == 0:
+    stats[what] = {"samples": len(lengths), "median": q[9], "p95": q[18], "max": max(lengths), "cut": cut / len(lengths), "dropped": dropped / len(lengths)}
+    if not cut and not dropped:
         return out
-    msg = f"{over:.0%} of sampled samples exceed data.max_length {limit} and would be dropped; {shape}"
-    if over > cfg.data.max_bad_fraction:
-        msg += f"; above data.max_bad_fraction {cfg.data.max_bad_fraction:.0%}, the run stops with a DataError"
+    shape = f"tokens per sample (with {n_img} image tokens) over {len(lengths)} samples: median {q[9]:.0f}, p95 {q[18]:.0f}, max {max(lengths)}"
+    msg = f"of the sampled samples {cut / len(lengths):.0%} exceed data.max_length {limit} and would be cut, {dropped / len(lengths):.0%} dropped; {shape}"
+    if dropped / len(lengths) > cfg.data.max_bad_fraction:
+        msg += f"; drops above data.max_bad_fraction {cfg.data.max_bad_fraction:.0%} stop the run with a DataError"
         return out + [Finding("error", what, msg)]
     return out + [Finding("warning", what, msg)]
 

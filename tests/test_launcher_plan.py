@@ -49,6 +49,8 @@ def roots(tmp_path, synthetic, monkeypatch) -> Path:
         (models / name).mkdir(parents=True)
         (models / name / "config.json").write_text("{}")
         (models / name / "model.safetensors").write_bytes(b"")
+    (models / "sam_vit_h_4b8939.pth").write_bytes(b"")  # model.init_from of the 13B configs
+    (tmp_path / "runs" / "stage1").mkdir(parents=True)  # stage 2 takes the projector of stage 1's run
     monkeypatch.setenv("SEGCAP_DATA_ROOT", str(data))
     monkeypatch.setenv("SEGCAP_MODEL_ROOT", str(models))
     monkeypatch.setenv("SEGCAP_RUN_ROOT", str(tmp_path / "runs"))
@@ -60,12 +62,18 @@ def by_level(findings, level: str) -> dict[str, str]:
 
 
 # ------------------------------------------------------------------------------------------ preflight
-def test_stage1_preflight_finds_every_sample_over_max_length(roots):
-    """The shipped stage-1 recipe: 576 image tokens alone exceed max_length 512, so every sample drops."""
-    errors = by_level(preflight(load_config("configs/train/stage1.yaml"), world_size=8), "error")
+def test_stage1_preflight_finds_every_sample_dropped_at_a_max_length_below_the_image_tokens(roots):
+    """Stage 1 as first shipped (max_length 512): 576 image tokens alone exceed it; no cut can help."""
+    errors = by_level(preflight(load_config("configs/train/stage1.yaml", ["data.max_length=512"]), world_size=8), "error")
     assert sorted(errors) == ["data.train[0] llava_pretrain", "data.val[0] refcoco_val"]
-    assert "100% of sampled samples exceed data.max_length 512" in errors["data.train[0] llava_pretrain"]
+    assert "0% exceed data.max_length 512 and would be cut, 100% dropped" in errors["data.train[0] llava_pretrain"]
     assert "DataError" in errors["data.train[0] llava_pretrain"]
+
+
+def test_shipped_stage1_preflight_passes(roots):
+    stats = {}
+    assert by_level(preflight(load_config("configs/train/stage1.yaml"), world_size=1, stats=stats), "error") == {}
+    assert 576 < stats["data.train[0] llava_pretrain"]["median"] < 2048
 
 
 def test_stage2_preflight_passes_lengths_and_warns_of_too_few_shards(roots):
@@ -77,11 +85,16 @@ def test_stage2_preflight_passes_lengths_and_warns_of_too_few_shards(roots):
     assert all("3 shard(s) for 8 reader slots" in m for m in warnings.values())
 
 
-def test_preflight_flags_a_source_with_samples_over_a_shorter_max_length(roots):
-    """Below max_bad_fraction the loader would skip quietly: a warning; above it the run stops: an error."""
-    found = preflight(load_config("configs/train/stage2.yaml", ["data.max_length=600", "data.max_bad_fraction=1.0"]), world_size=1)
+def test_preflight_counts_samples_that_a_shorter_max_length_would_cut(roots):
+    """Answers over max_length are cut at a phrase boundary by the loader: a warning with the shares
+    (the synthetic samples hold 633 tokens at the median, 658 at most)."""
+    stats = {}
+    found = preflight(load_config("configs/train/stage2.yaml", ["data.max_length=640"]), world_size=1, stats=stats)
+    s = stats["data.train[1] refer_seg"]
+    assert 0 < s["cut"] < 1 and s["dropped"] == 0 and s["median"] < 640 < s["max"]
+    assert by_level(found, "error") == {}
     msg = by_level(found, "warning")["data.train[1] refer_seg"]
-    assert "exceed data.max_length 600" in msg and "median" in msg
+    assert f"{s['cut']:.0%} exceed data.max_length 640 and would be cut, 0% dropped" in msg
 
 
 def test_preflight_names_a_missing_shard(roots):
@@ -98,6 +111,12 @@ def test_preflight_names_a_missing_weight_file_and_a_broken_tokenizer(roots):
     errors = by_level(preflight(load_config("configs/train/stage2.yaml"), world_size=1), "error")
     assert "model-00002-of-00002.safetensors" in errors["model.llm.path"]
     assert "does not load" in errors["model.llm.tokenizer"]
+
+
+def test_preflight_names_a_missing_init_from_source(roots):
+    shutil.rmtree(roots / "runs" / "stage1")
+    errors = by_level(preflight(load_config("configs/train/stage2.yaml"), world_size=1), "error")
+    assert list(errors) == ["model.init_from[1].path"] and "stage1 does not exist" in errors["model.init_from[1].path"]
 
 
 def test_preflight_catches_a_resume_checkpoint_of_another_world_size(roots):
