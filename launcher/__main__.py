@@ -44,6 +44,10 @@ def main(argv: list[str] | None = None) -> int:
     from datapipes.convert import add_arguments
 
     add_arguments(q)
+    q = data_verbs.add_parser("annotate", help="SA-1B photos + automatic masks -> MGSC SegCap shards (a labeller names them)")
+    from datapipes.annotate import add_arguments as add_annotate_arguments
+
+    add_annotate_arguments(q)
     q = data_verbs.add_parser("group", help="one shard folder listing several converted folders' shards")
     q.add_argument("--out", required=True)
     q.add_argument("members", nargs="+", help="converted shard folders")
@@ -53,11 +57,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.verb == "train":
             from launcher.train import train
 
-            return train(load_config(args.config, args.overrides))
+            return train(_with_model_files(load_config(args.config, args.overrides)))
         if args.verb == "eval":
             from launcher.evaluate import evaluate_checkpoint
 
-            return evaluate_checkpoint(load_config(args.config, args.overrides))
+            return evaluate_checkpoint(_with_model_files(load_config(args.config, args.overrides)))
         if args.verb == "demo":
             from launcher.demo import demo
 
@@ -83,6 +87,10 @@ def main(argv: list[str] | None = None) -> int:
             from datapipes.convert import main as convert_main
 
             return convert_main(args)
+        if args.verb == "data" and args.data_verb == "annotate":
+            from datapipes.annotate import main as annotate_main
+
+            return annotate_main(args)
         if args.verb == "data" and args.data_verb == "group":
             from datapipes.convert.common import ConvertError
             from datapipes.convert.group import write_group
@@ -98,6 +106,18 @@ def main(argv: list[str] | None = None) -> int:
         print(f"config error: {e}", file=sys.stderr)
         return 2
     return 1
+
+
+def _with_model_files(cfg):
+    """The config, once every model file it names is there (else a one-line ConfigError, before any
+    process group or DeepSpeed engine starts)."""
+    from modeling.weights import ModelPathError, check_model_paths
+
+    try:
+        check_model_paths(cfg.model)
+    except ModelPathError as e:
+        raise ConfigError(str(e)) from None
+    return cfg
 
 
 if __name__ == "__main__":

@@ -49,3 +49,18 @@ def test_a_truncated_pickle_is_a_clear_error(tmp_path):
     path.write_bytes(pickle.dumps([{"ref_id": 1}] * 10)[:-7])
     with pytest.raises(pickle.UnpicklingError, match="not a readable pickle"):
         load_plain_pickle(path)
+
+
+def test_launcher_data_convert_stops_on_a_malicious_refs_file(tmp_path, capsys):
+    from launcher.__main__ import main
+
+    marker = tmp_path / "pwned"
+    src = tmp_path / "refcoco"
+    src.mkdir()
+    (src / "instances.json").write_text('{"images": [], "annotations": []}')
+    with open(src / "refs(unc).p", "wb") as f:
+        pickle.dump([{"ref_id": 1}, Exploit(marker)], f, protocol=2)
+    rc = main(["data", "convert", "refcoco", "--src", str(src), "--images", str(tmp_path), "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "refused to load" in err and "refs(unc).p" in err and "system" in err
+    assert not marker.exists() and not (tmp_path / "out").exists()

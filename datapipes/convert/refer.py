@@ -7,6 +7,7 @@ A sample is one photo and up to `turns` expressions of it (train: 3, as LISA sam
 
 from __future__ import annotations
 
+import pickle
 from itertools import chain, zip_longest
 from pathlib import Path
 
@@ -55,7 +56,7 @@ class ReferConverter(Converter):
         if not path.is_file():
             raise ConvertError(f"{self.name}: {path} does not exist (--src is the folder with instances.json "
                                f"and refs({self.split_by}).p)")
-        refs = load_plain_pickle(path)
+        refs = _plain_pickle(path)
         _check_refs(refs, path)
         return refs
 
@@ -132,7 +133,7 @@ class GReferConverter(ReferConverter):
             refs = load_json(path)
         elif path.with_suffix(".p").is_file():
             path = path.with_suffix(".p")
-            refs = load_plain_pickle(path)
+            refs = _plain_pickle(path)
         else:
             raise ConvertError(f"{self.name}: {path} does not exist (--src is the folder with instances.json "
                                f"and grefs({self.split_by}).json)")
@@ -166,6 +167,13 @@ class GReferConverter(ReferConverter):
         union = rle_ann(union_rle(rles), sent, what)
         union.instances = [{"rle": a.rle, "box": a.box} for a in (rle_ann(r, sent, what) for r in rles)]
         return "group_referring", seg_answer(rng), [union]
+
+
+def _plain_pickle(path: Path):
+    try:
+        return load_plain_pickle(path)
+    except pickle.UnpicklingError as e:  # unsafe or unreadable: the run stops here, naming the file
+        raise ConvertError(str(e)) from e
 
 
 def _ann_ids(ref: dict) -> list[int]:
