@@ -127,7 +127,12 @@ def _lengths(cfg: RunConfig, what: str, urls: list[str], tokenizer, stats: dict)
     import webdataset as wds
 
     from datapipes.schema import BadSample, Sample
-    from datapipes.text import TooLong, fit_conversation, image_token_id, tokenize_conversation
+    from datapipes.text import (
+        TooLong,
+        fit_conversation,
+        image_token_id,
+        tokenize_conversation,
+    )
 
     n_img = (cfg.model.vision.image_size // cfg.model.vision.patch_size) ** 2
     image_id = image_token_id(tokenizer)
