@@ -128,7 +128,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.verb == "data" and args.data_verb == "annotate":
             from datapipes.annotate import main as annotate_main
 
-            return annotate_main(args)
+            def segcap_labeller(model_dir, cache_path):
+                from launcher.labeller import SegcapLabeller
+
+                return SegcapLabeller(model_dir, cache_path=cache_path)
+
+            return annotate_main(args, segcap_labeller)
         if args.verb == "data" and args.data_verb == "group":
             from datapipes.convert.common import ConvertError
             from datapipes.convert.group import write_group
