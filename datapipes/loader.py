@@ -112,7 +112,7 @@ class Decoder:
             sample.conversation, self.tokenizer, image_id=self.image_id,
             num_image_tokens=self.num_image_tokens, max_length=self.max_length,
         )
-        example = Example(raw["__key__"], sample.task, image, masks, tokens, sample.extra)
+        example = Example(raw["__key__"], sample.task, image, masks, tokens, sample.extra, sample=sample)
         if any(m.rle is None or m.instances for m in sample.masks):  # box-only or set targets
             _add_instances(example, sample, h, w)
         return example
