@@ -147,6 +147,7 @@ def score_by_task(pairs: Pairs, mode: str, prefix: str) -> dict[str, float]:
             by_task[key].append((p, t))
     out = {}
     for task, group in sorted(by_task.items()):
+        out[f"{prefix}/{task}/n_samples"] = len(group)  # predicted; `n` counts those with a mask score
         masked = [(p, t) for p, t in group if all(m is not None for m in t.masks)]
         if mode == "teacher_forced":
             masked = [(p, t) for p, t in masked if t.masks]

@@ -6,6 +6,7 @@ One JSON report, one MLflow table per benchmark, the headline numbers printed as
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import time
 from pathlib import Path
@@ -118,6 +119,8 @@ def evaluate_run(run_dir: Path, benches: list[B.Benchmark], args) -> int:
             _log_bench(tracker, bench.name, report[bench.name], step)
     if info.is_main:
         _finish(report, args.report)
+    digest = hashlib.sha1(json.dumps(report, sort_keys=True).encode()).hexdigest()
+    print(f"[segcap] eval rank {info.rank}: report sha1 {digest}", flush=True)  # equal on every rank
     tracker.flush()
     dist.barrier()
     return 0
