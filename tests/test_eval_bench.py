@@ -6,7 +6,6 @@ import json
 
 import numpy as np
 import pytest
-import torch
 from eval_bench import write_bench
 from scipy import ndimage
 

@@ -10,8 +10,16 @@ import pytest
 from pycocotools import mask as mask_utils
 
 from launcher.eval.metrics import (
-    IGNORE, EmptyTargetCounts, IoUAccumulator, caption_scores, coco_ap50, greedy_miou, hungarian_miou, inter_union,
-    recall_matches, text_similarity,
+    IGNORE,
+    EmptyTargetCounts,
+    IoUAccumulator,
+    caption_scores,
+    coco_ap50,
+    greedy_miou,
+    hungarian_miou,
+    inter_union,
+    recall_matches,
+    text_similarity,
 )
 
 
