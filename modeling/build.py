@@ -1,5 +1,5 @@
-"""build_model: assemble LLM (+ special tokens, new-row training, LoRA), CLIP tower, SAM and the query
-MLP (sam decoder) or the multi-granularity decoder from a ModelConfig, and decide once what trains. Random weights are a function of cfg.init_seed only,
+"""build_model: assemble LLM (+ special tokens, new-row training, LoRA), CLIP tower, SAM and the mask
+decoder (modeling/mask_decoder.py) from a ModelConfig, and decide once what trains. Random weights are a function of cfg.init_seed only,
 so frozen parts are rebuilt identically by every run and every rank instead of being checkpointed."""
 
 from __future__ import annotations
@@ -48,14 +48,7 @@ def build_model(cfg: ModelConfig, tokenizer, dschf=None) -> SegCapModel:
 def _set_trainable(model: SegCapModel, cfg: ModelConfig) -> None:
     model.requires_grad_(False)
     model.vision.projector.requires_grad_(True)
-    if model.mg is not None:
-        # The query generator always trains (as text_hidden_fcs); the rest of the multi-granularity
-        # decoder with mask_decoder.train. SAM's own mask decoder is not used by this kind.
-        model.mg.queries.requires_grad_(True)
-        if cfg.mask_decoder.train:
-            model.mg.requires_grad_(True)
-    else:
-        model.text_hidden_fcs.requires_grad_(True)
+    model.mask_decoder.set_trainable(cfg.mask_decoder.train)
     if cfg.llm.train_mode == "lora":
         for name, p in model.llm.named_parameters():
             if "lora_" in name:
@@ -66,10 +59,5 @@ def _set_trainable(model: SegCapModel, cfg: ModelConfig) -> None:
         model.llm.requires_grad_(True)
     if not cfg.vision.freeze:
         model.vision.clip.requires_grad_(True)
-    if cfg.mask_decoder.train and model.mg is None:
-        decoder = model.segmenter.decoder
-        decoder.requires_grad_(True)
-        # Its output (mask quality) is unused here: it would never receive a gradient.
-        decoder.iou_prediction_head.requires_grad_(False)
     if not cfg.pixel_encoder.freeze:
         model.segmenter.sam.vision_encoder.requires_grad_(True)

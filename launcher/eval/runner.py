@@ -66,13 +66,14 @@ def predict_batches(model, batches, settings: RunSettings, info: dist.DistInfo, 
     frame = model.mask_size
     pairs, overlays = [], []
     for batch in batches:
+        inputs = batch.to(info.device).model_inputs()  # float pixels, wherever the loader left them uint8
         if settings.mode == "teacher_forced":
-            out = model(**batch.to(info.device).model_inputs())
+            out = model(**inputs)
             frame_masks = [m - settings.mask_threshold for m in out.pred_masks]
             answers = [None] * len(batch)
             boxes = _teacher_forced_boxes(out, frame)
         else:
-            preds = model.predict(batch.prompt_ids, batch.clip_pixels.to(info.device), batch.sam_pixels.to(info.device),
+            preds = model.predict(batch.prompt_ids, inputs["clip_pixels"], inputs["sam_pixels"],
                                   max_new_tokens=settings.max_new_tokens, synced_gpus=synced)
             frame_masks = [p.masks for p in preds]
             answers = [p.text for p in preds]
@@ -92,7 +93,7 @@ def predict_batches(model, batches, settings: RunSettings, info: dist.DistInfo, 
                 fm = frame_masks[i].cpu()
                 union = (fm if fm.dtype == torch.bool else fm > 0).any(0) if len(fm) else torch.zeros(frame, frame, dtype=torch.bool)
                 gt = batch.gt_masks[i].cpu().bool().any(0) if len(batch.gt_masks[i]) else torch.zeros_like(union)
-                overlays.append(Overlay(batch.sam_pixels[i].cpu(), resized, gt, union, batch.keys[i], batch.tasks[i],
+                overlays.append(Overlay(inputs["sam_pixels"][i].cpu(), resized, gt, union, batch.keys[i], batch.tasks[i],
                                         f"Q: {question(batch.prompt_ids[i])}\nA: {pred.answer}"))
     return pairs, overlays
 
