@@ -104,3 +104,23 @@ def test_a_prediction_file_with_an_unknown_or_repeated_key_is_refused(tmp_path, 
     bad.write_text(json.dumps({"key": preds[0].key, "masks": [{"size": [3, 3], "counts": 5}]}) + "\n")
     with pytest.raises(ValueError, match=r"bad.jsonl:1.*compressed RLE"):
         main(["eval", "--predictions", str(bad), "--bench", "refcoco", "--data", str(folder)])
+
+
+def test_reasonseg_splits_long_and_short_queries_and_drops_ignored_pixels():
+    from launcher.eval.records import Target
+    from launcher.eval.score import score_referring
+
+    gt, ignore, pred = (np.zeros((9, 11), np.uint8) for _ in range(3))
+    gt[:4, :4] = 1  # 16 pixels
+    ignore[6:, :] = 1
+    pred[:4, :2] = 1  # 8 on the target
+    pred[6:, :] = 1  # 33 on the ignore region: not counted
+
+    def pair(key, sentence):
+        t = Target(key, "referring", "reasonseg", (9, 11), [encode_mask(gt)], ["x"], [[0, 0, 4, 4]], "[SEG].",
+                   source={"is_sentence": sentence}, extra={"ignore": encode_mask(ignore)})
+        return Prediction(key, "[SEG].", [encode_mask(pred if sentence else gt)]), t
+
+    got = score_referring([pair("a", True), pair("b", False)])
+    assert got["long/cIoU"] == pytest.approx(8 / 16) and got["short/cIoU"] == pytest.approx(1.0)
+    assert got["cIoU"] == pytest.approx((8 + 16) / (16 + 16)) and got["n"] == 2

@@ -51,7 +51,7 @@ def trained(tmp_path_factory):
 def test_two_rank_eval_scores_every_sample_once_and_equals_scoring_its_saved_predictions(trained):
     root, run = trained
     report, preds = root / "report.json", root / "preds"
-    args = ["eval", "--run", str(run), "--bench", ",".join(BENCHES), "--report", str(report),
+    args = ["eval", "--run", str(run), "--bench", ",".join(BENCHES), "--mode", "teacher_forced", "--report", str(report),
             "--save-predictions", str(preds), "data.eval_batch_size=2"]
     port, procs = str(free_port()), []
     for rank in range(2):

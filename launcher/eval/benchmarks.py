@@ -18,6 +18,12 @@ class Benchmark:
     family: str  # referring | generalized | grounded_captions | captions
     headline: tuple[str, ...]  # the seeds' columns, in their order
 
+    @property
+    def default_mode(self) -> str:
+        """The papers' protocol: referring masks teacher-forced (LISA/GLaMM validate); rejection (gRefCOCO,
+        as MGLMM) and captions only show in a generated answer."""
+        return "teacher_forced" if self.family == "referring" else "generate"
+
 
 BENCHMARKS = {
     b.name: b

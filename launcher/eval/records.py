@@ -60,8 +60,11 @@ class Target:
 
     @property
     def captions(self) -> list[str]:
-        """Reference captions: extra["captions"] when the benchmark has several, else the answer's."""
-        return list(self.extra.get("captions") or [self.caption])
+        """Reference captions: extra["captions"] (COCO: all of the photo's), else extra["caption"] (GCG:
+        the source caption), else the answer with its tags removed."""
+        if self.extra.get("captions"):
+            return list(self.extra["captions"])
+        return [self.extra.get("caption") or self.caption]
 
 
 def target_from_sample(key: str, sample: Sample) -> Target:

@@ -61,11 +61,12 @@ def _merged(p: Prediction, t: Target) -> tuple[np.ndarray, np.ndarray]:
 def score_referring(pairs: Pairs) -> dict[str, float]:
     """LISA's protocol (EVAL.md 1.1): every expression ([SEG]) is scored, the i-th predicted mask
     against the i-th target (a missing prediction is an empty mask). ReasonSeg: also split by the
-    query's kind (extra["is_sentence"]: long sentence vs short phrase)."""
+    query's kind (source["is_sentence"]: long sentence vs short phrase)."""
     accs: dict[str, IoUAccumulator] = defaultdict(IoUAccumulator)
     for p, t in pairs:
         gt, pred = _gt_masks(t), _pred_masks(p, t)
-        groups = ["overall"] + ([("long" if t.extra["is_sentence"] else "short")] if "is_sentence" in t.extra else [])
+        sentence = t.source.get("is_sentence", t.extra.get("is_sentence"))
+        groups = ["overall"] + ([] if sentence is None else ["long" if sentence else "short"])
         for i in range(len(gt)):
             inter, union = inter_union(pred[i] if i < len(pred) else np.zeros(t.image_size, bool), gt[i])
             for g in groups:

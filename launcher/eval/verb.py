@@ -25,7 +25,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--split", help="split name(s), comma separated (default: the benchmark's first)")
     p.add_argument("--data", help="the shard folder (default $SEGCAP_DATA_ROOT/shards/<bench>_<split>)")
     p.add_argument("--mode", choices=MODES, default=None,
-                   help="teacher_forced (default with a model) or generate (default for --predictions)")
+                   help="default: teacher_forced for referring benchmarks, generate for grefcoco and captions")
     p.add_argument("--max-samples", type=int, default=0, help="score at most this many samples per split (0: all)")
     p.add_argument("--report", help="write the JSON report here")
     p.add_argument("--save-predictions", help="a folder: write <bench>_<split>.jsonl predictions there")
@@ -54,7 +54,7 @@ def score_predictions(path: str, bench: B.Benchmark, split: str, args) -> int:
     from launcher.eval.records import read_predictions, read_targets
     from launcher.eval.score import pair
 
-    mode = args.mode or "generate"
+    mode = args.mode or bench.default_mode
     targets = {t.key: t for t in read_targets(B.shard_dir(bench, split, args.data))}
     pairs = pair(read_predictions(path), targets)
     metrics = {**B.score(bench, pairs, mode), "mode": mode, "expected": len(targets)}
@@ -80,7 +80,6 @@ def evaluate_run(run_dir: Path, benches: list[B.Benchmark], args) -> int:
     from launcher.tracking import run_tags
 
     cfg = load_config(run_dir / "config.yaml", [f"train.output_dir={run_dir}", *args.overrides])
-    mode = args.mode or "teacher_forced"
     info = dist.identity()
     dist.init(info)
     ckpt = checkpoint.latest_complete(run_dir / "checkpoints")
@@ -92,6 +91,7 @@ def evaluate_run(run_dir: Path, benches: list[B.Benchmark], args) -> int:
     synced = info.world_size > 1 and cfg.train.zero_stage == 3
     report: dict = {}
     for bench in benches:
+        mode = args.mode or bench.default_mode
         for split in B.splits_of(bench, args.split):
             folder = B.shard_dir(bench, split, args.data if len(benches) == 1 else None)
             data = with_val(cfg.data, f"{bench.name}_{split}", folder)
