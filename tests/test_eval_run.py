@@ -80,3 +80,10 @@ def test_two_rank_eval_scores_every_sample_once_and_equals_scoring_its_saved_pre
             if key not in ("expected", "mode"):
                 assert m[key] == pytest.approx(value), key
     assert "refcoco" in outs[0] and "cIoU" in outs[0]  # the headline table
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{root}/mlflow.db")
+    run_id = (run / "mlflow_run_id").read_text().strip()
+    tables = {Path(a.path).name for a in client.list_artifacts(run_id, "eval")}
+    assert {f"{name}.json" for name in BENCHES} <= tables  # one MLflow table per benchmark
+    assert client.get_metric_history(run_id, "bench/refcoco_val/cIoU")[0].value == pytest.approx(got["refcoco"]["val"]["cIoU"])

@@ -47,6 +47,8 @@ def main(args: argparse.Namespace) -> int:
         if len(benches) != 1 or (args.split and "," in args.split):
             raise SystemExit("eval --predictions scores one benchmark split at a time")
         return score_predictions(args.predictions, benches[0], B.splits_of(benches[0], args.split)[0], args)
+    if args.data and (len(benches) > 1 or (args.split and "," in args.split)):
+        raise SystemExit("eval --data names one shard folder: give one --bench and one --split with it")
     return evaluate_run(Path(args.run), benches, args)
 
 
@@ -93,7 +95,7 @@ def evaluate_run(run_dir: Path, benches: list[B.Benchmark], args) -> int:
     for bench in benches:
         mode = args.mode or bench.default_mode
         for split in B.splits_of(bench, args.split):
-            folder = B.shard_dir(bench, split, args.data if len(benches) == 1 else None)
+            folder = B.shard_dir(bench, split, args.data)
             data = with_val(cfg.data, f"{bench.name}_{split}", folder)
             settings = RunSettings(mode, cfg.eval.max_new_tokens, cfg.eval.mask_threshold, num_overlays=0,
                                    max_batches=batches_for(args.max_samples, 0, cfg.data.eval_batch_size, info.world_size))
