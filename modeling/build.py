@@ -12,6 +12,7 @@ from modeling.llm import add_special_tokens, apply_lora, attach_new_token_rows, 
 from modeling.model import SegCapModel
 from modeling.sam import SamSegmenter
 from modeling.vision import VisionTower
+from modeling.weights import load_init_from
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -42,6 +43,7 @@ def build_model(cfg: ModelConfig, tokenizer, dschf=None) -> SegCapModel:
         torch.manual_seed(cfg.init_seed + 4)
         model = SegCapModel(cfg, llm, vision, segmenter, tokenizer, token_ids)
     _set_trainable(model, cfg)
+    load_init_from(model, cfg)  # after _set_trainable: a segcap run's checkpoint holds trainable weights only
     return model
 
 

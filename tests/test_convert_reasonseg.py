@@ -62,3 +62,18 @@ def test_val_uses_the_first_instruction_and_counts_bad_json(tmp_path):
     assert manifest["total"] == 2 and manifest["convert"]["bad"] == {"bad_json": 1}
     for s in read_samples(tmp_path / "out").values():
         assert len(s["json"]["masks"]) == 1
+
+
+def test_explanatory_entries_add_a_sample_whose_answer_explains(tmp_path):
+    src = write_reasonseg(tmp_path, "train", n=2)
+    (src / "explanatory").mkdir()
+    (src / "explanatory" / "train.json").write_text(json.dumps(
+        [{"image": "img1.jpg", "query": "What keeps the rain off?", "outputs": "The roof covers the house."}]))
+    manifest = convert(src, tmp_path / "out", "train")
+    assert manifest["total"] == 3
+    (ex,) = [s["json"] for s in read_samples(tmp_path / "out").values() if s["json"]["source"].get("explanatory")]
+    assert ex["source"]["id"] == "img1"
+    assert ex["conversation"][0]["content"] == "<image>\nWhat keeps the rain off? Please output segmentation mask and explain why."
+    assert ex["conversation"][1]["content"].endswith("[SEG]. The roof covers the house.")
+    meta = json.loads((src / "train" / "img1.json").read_text())
+    np.testing.assert_array_equal(decode_mask(ex["masks"][0]["rle"]), expected_mask(meta["shapes"], *ex["image_size"]))

@@ -17,6 +17,7 @@ from pycocotools import mask as mask_utils
 
 from datapipes.schema import IMAGE_TOKEN, SEG_TOKEN, MaskAnn, Sample, _rle_pixels
 
+JPEG_FORMATS = ("JPEG", "MPO")  # MPO: a camera's multi-picture JPEG; its bytes decode as the first picture
 POLYGON_TOLERANCE = 1.0  # pixels a polygon vertex may lie outside the photo (COCO has x == width + 0.5)
 
 
@@ -66,12 +67,12 @@ def read_photo(path: str | Path) -> Photo:
     try:
         im = Image.open(io.BytesIO(data))
         fmt, (w, h) = im.format, im.size
-        if fmt == "JPEG":
+        if fmt in JPEG_FORMATS:
             im.draft("RGB", (max(1, w // 8), max(1, h // 8)))
         im.load()
     except Exception as e:  # PIL raises OSError, SyntaxError, ValueError... on broken files
         raise BadRecord("undecodable_image", f"{path} does not decode: {e}") from e
-    if fmt == "JPEG":
+    if fmt in JPEG_FORMATS:
         return Photo(data, h, w)
     buf = io.BytesIO()
     im.convert("RGB").save(buf, format="JPEG", quality=95)

@@ -16,6 +16,7 @@ from datapipes.convert.common import (
     Output,
     chunks,
     conversation,
+    load_json,
     question,
     read_photo,
     rle_ann,
@@ -24,6 +25,8 @@ from datapipes.convert.common import (
     segm_rle,
 )
 from datapipes.convert.run import Converter
+
+EXPLAIN = "Please output segmentation mask and explain why."
 from datapipes.schema import Sample
 
 
@@ -37,6 +40,10 @@ class ReasonSegConverter(Converter):
         super().__init__(args)
         self.turns = args.turns or 3
         self.folder = self.src / self.split
+        # explanatory/train.json: {image, query, outputs} for some train photos -> one more sample each
+        # whose answer explains the mask (LISA mixes these in at a 10% rate; here each is written once)
+        path = self.src / "explanatory" / f"{self.split}.json"
+        self.explained = {Path(e["image"]).stem: e for e in load_json(path)} if path.is_file() else {}
 
     def units(self):
         return [(p.stem, p.name) for p in sorted(self.folder.glob("*.json"))]
@@ -63,6 +70,14 @@ class ReasonSegConverter(Converter):
             masks = [rle_ann(mask, t.strip(), payload) for t in chunk]
             source = {"dataset": self.name, "id": uid, "split": self.split, "file_name": uid + ".jpg",
                       "is_sentence": sentence, "text_index": k * self.turns}
+            outs.append(Output(Sample("referring", conversation(pairs), masks, [h, w], source), photo.data,
+                               reencoded=photo.reencoded))
+        e = self.explained.get(uid)
+        if e and str(e.get("query", "")).strip() and str(e.get("outputs", "")).strip():
+            pairs = [(f"{e['query'].strip()} {EXPLAIN}", f"{seg_answer(rng)} {e['outputs'].strip()}")]
+            source = {"dataset": self.name, "id": uid, "split": self.split, "file_name": uid + ".jpg",
+                      "is_sentence": True, "explanatory": True}
+            masks = [rle_ann(mask, e["query"].strip(), payload)]
             outs.append(Output(Sample("referring", conversation(pairs), masks, [h, w], source), photo.data,
                                reencoded=photo.reencoded))
         return outs

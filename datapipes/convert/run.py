@@ -105,21 +105,21 @@ def run_conversion(conv: Converter, args: ConvertArgs, log=sys.stderr) -> dict:
         tmp.unlink()
     done = [i for i in range(n_shards) if (out / _stats_name(i)).is_file() and (out / _shard_name(i)).is_file()]
     pending = sorted(set(range(n_shards)) - set(done))
-    _ACTIVE.update(conv=conv, units=units, n_shards=n_shards, out=out)
+    _ACTIVE.update(conv=conv, units=units, n_shards=n_shards, out=out)  # before the fork: workers inherit it
+    # Workers fork before the progress bar starts its monitor thread (a fork copies no thread, only locks).
+    parallel = args.workers > 1 and len(pending) > 1
+    pool = multiprocessing.get_context("fork").Pool(min(args.workers, len(pending))) if parallel else None
     bar = tqdm(total=n_shards, initial=len(done), desc=f"convert {conv.name}/{conv.split}", unit="shard",
-               file=log, mininterval=2.0, disable=False)
+               file=log, mininterval=2.0)
     start = time.time()
     try:
-        if args.workers <= 1 or len(pending) <= 1:
-            for i in pending:
-                _write_shard(i)
-                bar.update()
-        else:
-            with multiprocessing.get_context("fork").Pool(args.workers) as pool:
-                for _ in pool.imap_unordered(_write_shard, pending):
-                    bar.update()
+        for _ in pool.imap_unordered(_write_shard, pending) if pool else map(_write_shard, pending):
+            bar.update()
     finally:
         bar.close()
+        if pool:
+            pool.terminate()
+            pool.join()
         _ACTIVE.clear()
     manifest = _manifest(out, n_shards, plan, reused=len(done), seconds=time.time() - start)
     print(summary_text(manifest, out), file=log)
