@@ -83,11 +83,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.verb == "eval":
             from launcher.eval.verb import main as eval_main
 
-<<<<<<< HEAD
-            return eval_main(args)
-=======
-            return evaluate_checkpoint(_with_model_files(load_config(args.config, args.overrides)))
->>>>>>> main
+            return eval_main(args, _with_model_files)
         if args.verb == "demo":
             from launcher.demo import demo
 

@@ -1,6 +1,7 @@
 """`launcher eval --run` on 2 ranks (gloo, ZeRO-3) over small RefCOCO/gRefCOCO/GCG shards: every sample
 is scored exactly once although the ranks hold unequal shares (filler padding is not scored), both
-ranks end with the same report, and scoring the saved predictions file reproduces the report."""
+ranks end with the same report, and scoring the saved predictions file reproduces the report; the
+run's export folder (`launcher eval --model`) scores what its checkpoint scored."""
 
 import hashlib
 import json
@@ -87,3 +88,25 @@ def test_two_rank_eval_scores_every_sample_once_and_equals_scoring_its_saved_pre
     tables = {Path(a.path).name for a in client.list_artifacts(run_id, "eval")}
     assert {f"{name}.json" for name in BENCHES} <= tables  # one MLflow table per benchmark
     assert client.get_metric_history(run_id, "bench/refcoco_val/cIoU")[0].value == pytest.approx(got["refcoco"]["val"]["cIoU"])
+
+
+def test_the_export_folder_scores_what_its_checkpoint_scored(trained):
+    root, run = trained
+    export = root / "export"
+    done = subprocess.run([sys.executable, "-m", "launcher", "export", "--run", str(run), "--out", str(export)],
+                          cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    data = root / "data" / "shards" / "refcoco_val"
+    reports = {}
+    for flag, where in (("--model", export), ("--run", run)):
+        out = root / f"export_{flag[2:]}.json"
+        cmd = ["eval", flag, str(where), "--bench", "refcoco", "--data", str(data), "--report", str(out), "--save-predictions", str(root / flag[2:])]
+        if flag == "--model":
+            assert main(cmd) == 0
+        else:
+            done = subprocess.run([sys.executable, "-m", "launcher", *cmd], cwd=REPO, env=_env(), capture_output=True, text=True,
+                                  timeout=300, check=False)
+            assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+        reports[flag] = json.loads(out.read_text())["refcoco"]["val"]
+    assert reports["--model"]["n"] == reports["--run"]["n"] == BENCHES["refcoco"]
+    assert reports["--model"]["cIoU"] == pytest.approx(reports["--run"]["cIoU"], abs=1e-3)

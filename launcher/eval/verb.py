@@ -19,7 +19,7 @@ from launcher.eval.benchmarks import MODES
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="a train config: score its latest checkpoint on its data.val (the in-training eval)")
     p.add_argument("--run", help="a run directory (config.yaml + checkpoints/): score its latest checkpoint on --bench")
-    p.add_argument("--model", help="an exported model folder (not supported yet: use --run)")
+    p.add_argument("--model", help="an export folder (launcher export): score it on --bench, no DeepSpeed")
     p.add_argument("--predictions", help="a predictions JSONL to score against --bench, no model")
     p.add_argument("--bench", help=f"benchmark name(s), comma separated: {', '.join(B.BENCHMARKS)}")
     p.add_argument("--split", help="split name(s), comma separated (default: the benchmark's first)")
@@ -27,19 +27,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mode", choices=MODES, default=None,
                    help="default: teacher_forced for referring benchmarks, generate for grefcoco and captions")
     p.add_argument("--max-samples", type=int, default=0, help="score at most this many samples per split (0: all)")
+    p.add_argument("--batch-size", type=int, default=8, help="--model: samples per forward per rank")
+    p.add_argument("--max-length", type=int, default=2048, help="--model: tokens per sample, image tokens included")
+    p.add_argument("--max-new-tokens", type=int, default=64, help="--model: generate mode's answer length")
     p.add_argument("--report", help="write the JSON report here")
     p.add_argument("--save-predictions", help="a folder: write <bench>_<split>.jsonl predictions there")
     p.add_argument("overrides", nargs="*", help="config overrides (with --config or --run)")
 
 
-def main(args: argparse.Namespace) -> int:
+def main(args: argparse.Namespace, checked=lambda cfg: cfg) -> int:
+    """`checked(cfg)` raises a ConfigError when a model file the config names is missing."""
     chosen = [a for a in ("config", "run", "model", "predictions") if getattr(args, a)]
     if len(chosen) != 1:
         raise SystemExit("eval: give exactly one of --config, --run, --model, --predictions")
     if args.config:
-        return evaluate_checkpoint(load_config(args.config, args.overrides))
-    if args.model:
-        raise SystemExit("eval --model: the export folder format has not landed yet; use --run RUN_DIR")
+        return evaluate_checkpoint(checked(load_config(args.config, args.overrides)))
     if not args.bench:
         raise SystemExit(f"eval --{chosen[0]} needs --bench NAME[,NAME...]")
     benches = B.parse(args.bench)
@@ -49,7 +51,11 @@ def main(args: argparse.Namespace) -> int:
         return score_predictions(args.predictions, benches[0], B.splits_of(benches[0], args.split)[0], args)
     if args.data and (len(benches) > 1 or (args.split and "," in args.split)):
         raise SystemExit("eval --data names one shard folder: give one --bench and one --split with it")
-    return evaluate_run(Path(args.run), benches, args)
+    if args.model:
+        return evaluate_export(Path(args.model), benches, args)
+    run_dir = Path(args.run)
+    cfg = checked(load_config(run_dir / "config.yaml", [f"train.output_dir={run_dir}", *args.overrides]))
+    return evaluate_run(cfg, run_dir, benches, args)
 
 
 def score_predictions(path: str, bench: B.Benchmark, split: str, args) -> int:
@@ -65,23 +71,12 @@ def score_predictions(path: str, bench: B.Benchmark, split: str, args) -> int:
     return 0
 
 
-def evaluate_run(run_dir: Path, benches: list[B.Benchmark], args) -> int:
-    """Every rank predicts its share of each benchmark split; rank 0 scores, reports and logs."""
+def evaluate_run(cfg: RunConfig, run_dir: Path, benches: list[B.Benchmark], args) -> int:
+    """A run's latest checkpoint under its own DeepSpeed config; logged into the run's MLflow run."""
     from launcher import checkpoint, dist
     from launcher.engine import build_run, render_ds_config
-    from launcher.eval.records import write_predictions
-    from launcher.eval.runner import (
-        RunSettings,
-        batches_for,
-        broadcast,
-        eval_batches,
-        gather_pairs,
-        predict_batches,
-        with_val,
-    )
     from launcher.tracking import run_tags
 
-    cfg = load_config(run_dir / "config.yaml", [f"train.output_dir={run_dir}", *args.overrides])
     info = dist.identity()
     dist.init(info)
     ckpt = checkpoint.latest_complete(run_dir / "checkpoints")
@@ -91,19 +86,53 @@ def evaluate_run(run_dir: Path, benches: list[B.Benchmark], args) -> int:
     step = checkpoint.load(engine, ckpt, info)["step"]
     tracker = _tracker(cfg, run_dir, info, {**run_tags(info.world_size), "kind": "benchmark_eval", "checkpoint": str(ckpt)})
     synced = info.world_size > 1 and cfg.train.zero_stage == 3
+    _run_benches(engine.module, tokenizer, cfg.data, cfg.eval, benches, args, info, synced, tracker, step)
+    return 0
+
+
+def evaluate_export(folder: Path, benches: list[B.Benchmark], args) -> int:
+    """An export folder (launcher/export.py): a whole model on every rank, no DeepSpeed; metrics to
+    MLflow only when MLFLOW_TRACKING_URI is set."""
+    import os
+
+    from datapipes.config import DataConfig
+    from launcher import dist
+    from launcher.config import EvalConfig, TrackingConfig
+    from launcher.export import load_export
+    from launcher.tracking import Tracker, run_tags
+
+    info = dist.identity()
+    if info.world_size > 1:
+        dist.init(info)
+    model, tokenizer, _ = load_export(folder, device=info.device)
+    data = DataConfig(eval_batch_size=args.batch_size, max_length=args.max_length)
+    tracker = Tracker(TrackingConfig(enabled=bool(os.environ.get("MLFLOW_TRACKING_URI")), experiment="segcap-eval"),
+                      folder, active=info.is_main)
+    tracker.start(None, {"model": str(folder)}, {**run_tags(info.world_size), "kind": "benchmark_eval"})
+    _run_benches(model, tokenizer, data, EvalConfig(max_new_tokens=args.max_new_tokens), benches, args, info, False, tracker, 0)
+    return 0
+
+
+def _run_benches(model, tokenizer, data_cfg, eval_cfg, benches, args, info, synced: bool, tracker, step: int) -> None:
+    """Every rank predicts its share of each benchmark split; rank 0 scores, reports and logs; every rank
+    ends with the same report."""
+    from launcher import dist
+    from launcher.eval.records import write_predictions
+    from launcher.eval.runner import RunSettings, batches_for, broadcast, eval_batches, gather_pairs, predict_batches, with_val
+
     report: dict = {}
+    model.eval()
     for bench in benches:
         mode = args.mode or bench.default_mode
         for split in B.splits_of(bench, args.split):
             folder = B.shard_dir(bench, split, args.data)
-            data = with_val(cfg.data, f"{bench.name}_{split}", folder)
-            settings = RunSettings(mode, cfg.eval.max_new_tokens, cfg.eval.mask_threshold, num_overlays=0,
-                                   max_batches=batches_for(args.max_samples, 0, cfg.data.eval_batch_size, info.world_size))
-            batches = eval_batches(data, tokenizer, num_image_tokens=model.num_image_tokens, clip_size=cfg.model.vision.image_size,
-                                   sam_size=cfg.model.pixel_encoder.image_size, info=info, max_batches=settings.max_batches)
+            settings = RunSettings(mode, eval_cfg.max_new_tokens, eval_cfg.mask_threshold, num_overlays=0,
+                                   max_batches=batches_for(args.max_samples, 0, data_cfg.eval_batch_size, info.world_size))
+            batches = eval_batches(with_val(data_cfg, f"{bench.name}_{split}", folder), tokenizer,
+                                   num_image_tokens=model.num_image_tokens, clip_size=model.cfg.vision.image_size,
+                                   sam_size=model.mask_size, info=info, max_batches=settings.max_batches)
             t0 = time.time()
-            engine.module.eval()
-            local, _ = predict_batches(engine.module, batches, settings, info, synced)
+            local, _ = predict_batches(model, batches, settings, info, synced)
             seconds = time.time() - t0
             pairs, per_rank = gather_pairs(local, info)
             metrics = None
@@ -125,7 +154,6 @@ def evaluate_run(run_dir: Path, benches: list[B.Benchmark], args) -> int:
     print(f"[segcap] eval rank {info.rank}: report sha1 {digest}", flush=True)  # equal on every rank
     tracker.flush()
     dist.barrier()
-    return 0
 
 
 def _manifest_total(folder: Path) -> int:
