@@ -10,8 +10,8 @@ import math
 import os
 import sys
 from collections import Counter
-from dataclasses import dataclass
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import numpy as np
 import torch
