@@ -1,4 +1,4 @@
-"""`python -m launcher <verb>`: train, eval, demo, data, count, export, infer.
+"""`python -m launcher <verb>`: train, eval, demo, data, count, plan, export, infer.
 
 Config errors are reported as one line naming the key, before any worker starts work.
 """
@@ -31,6 +31,18 @@ def main(argv: list[str] | None = None) -> int:
 
     p = verbs.add_parser("count", help="parameters and forward FLOPs per part (built on the meta device)")
     p.add_argument("--config", required=True)
+    p.add_argument("overrides", nargs="*")
+
+    p = verbs.add_parser("plan", help="preflight, memory per GPU, step time and MFU for ZeRO-2/3/ZeRO++ (no GPU needed)")
+    p.add_argument("--config", required=True)
+    p.add_argument("--gpus", type=int, default=8)
+    p.add_argument("--gpus-per-node", type=int, default=8)
+    p.add_argument("--gpu", default="a100-80g", help="a100-40g | a100-80g | h100-80g | h200")
+    p.add_argument("--inter-node-gbps", type=float, default=None, help="network bandwidth of a node, Gbit/s")
+    p.add_argument("--seq-len", type=int, default=None, help="tokens per sample (default data.max_length)")
+    p.add_argument("--global-batch", type=int, default=None, help="default data.batch_size x train.grad_accum x gpus")
+    p.add_argument("--json", default=None, help="also write the plan here")
+    p.add_argument("--no-preflight", action="store_true", help="only the estimate")
     p.add_argument("overrides", nargs="*")
 
     p = verbs.add_parser("data", help="dataset tools")
@@ -93,6 +105,10 @@ def main(argv: list[str] | None = None) -> int:
 
             print(count(load_config(args.config, args.overrides)))
             return 0
+        if args.verb == "plan":
+            from launcher.plan import main as plan_main
+
+            return plan_main(load_config(args.config, args.overrides), args)
         if args.verb == "export":
             from launcher.export import export
 
