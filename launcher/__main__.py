@@ -19,9 +19,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--config", required=True, help="configs/train/<name>.yaml")
     p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.steps=10")
 
-    p = verbs.add_parser("eval", help="score the latest complete checkpoint of train.output_dir")
-    p.add_argument("--config", required=True)
-    p.add_argument("overrides", nargs="*")
+    p = verbs.add_parser("eval", help="score a checkpoint on its val shards or on benchmarks, or a predictions file")
+    from launcher.eval.verb import add_arguments
+
+    add_arguments(p)
 
     p = verbs.add_parser("demo", help="synthetic shards -> 2-rank ZeRO-3 CPU training -> eval -> MLflow")
     p.add_argument("--config", default="configs/train/demo.yaml")
@@ -92,9 +93,9 @@ def main(argv: list[str] | None = None) -> int:
 
             return train(_with_model_files(load_config(args.config, args.overrides)))
         if args.verb == "eval":
-            from launcher.evaluate import evaluate_checkpoint
+            from launcher.eval.verb import main as eval_main
 
-            return evaluate_checkpoint(_with_model_files(load_config(args.config, args.overrides)))
+            return eval_main(args, _with_model_files)
         if args.verb == "demo":
             from launcher.demo import demo
 
@@ -144,7 +145,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.verb == "data" and args.data_verb == "annotate":
             from datapipes.annotate import main as annotate_main
 
-            return annotate_main(args)
+            def segcap_labeller(model_dir, cache_path):
+                from launcher.labeller import SegcapLabeller
+
+                return SegcapLabeller(model_dir, cache_path=cache_path)
+
+            return annotate_main(args, segcap_labeller)
         if args.verb == "data" and args.data_verb == "group":
             from datapipes.convert.common import ConvertError
             from datapipes.convert.group import write_group

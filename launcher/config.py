@@ -70,8 +70,12 @@ class TrainConfig:
 
 @dataclass
 class EvalConfig:
+    # teacher_forced: one forward pass over the reference conversation (LISA/GLaMM validate; an empty
+    # target then shows nothing and is left out); generate: the model writes its answer (N-acc, captions)
+    mode: str = "teacher_forced"
+    max_samples: int = 512  # over all ranks; 0: no cap
     max_new_tokens: int = 40
-    max_batches: int = 0  # 0: the whole val set
+    max_batches: int = 0  # per rank; 0: the whole val set (up to max_samples)
     num_overlays: int = 8
     mask_threshold: float = 0.0  # on logits
     at_start: bool = False  # also evaluate the untrained model (logged as val_untrained/*)
@@ -107,6 +111,7 @@ CHOICES: dict[tuple[type, str], tuple[str, ...]] = {
     (ModelConfig, "dtype"): ("float32", "bfloat16", "float16"),
     (OptimConfig, "schedule"): ("cosine", "linear", "constant"),
     (TrainConfig, "precision"): ("fp32", "bf16", "fp16"),
+    (EvalConfig, "mode"): ("teacher_forced", "generate"),
     (TrainConfig, "zero_stage"): (0, 1, 2, 3),
 }
 

@@ -40,7 +40,7 @@ class StopRequest:
 
 def train(cfg: RunConfig) -> int:
     from datapipes.loader import build_train_loader
-    from launcher.evaluate import Evaluator
+    from launcher.eval.evaluator import Evaluator
 
     t_start = time.time()
     info = dist.identity()

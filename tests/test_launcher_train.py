@@ -138,7 +138,7 @@ def test_eval_verb_reproduces_the_final_eval_from_the_checkpoint(shards, uninter
     at_end = json.loads((uninterrupted / f"eval_val_step{STEPS:08d}.json").read_text())
     again = json.loads((uninterrupted / f"eval_eval_step{STEPS:08d}.json").read_text())
     assert {k.split("/", 1)[1]: v for k, v in again.items()} == {k.split("/", 1)[1]: v for k, v in at_end.items()}
-    assert at_end["val/all/n"] == 8  # tiny.yaml: eval.max_batches=1, 4 samples on each of 2 ranks
+    assert at_end["val/all/n_samples"] == 8  # tiny.yaml: eval.max_batches=1, 4 samples on each of 2 ranks
 
 
 def test_mlflow_run_holds_params_and_metrics_at_steps(uninterrupted):
