@@ -88,7 +88,7 @@ def _patch_train(module) -> None:
     module._Meter.add = add_and_mark
 
 
-PATCHES = {"launcher.checkpoint": _patch_checkpoint, "launcher.evaluate": _patch_evaluate, "launcher.train": _patch_train}
+PATCHES = {"launcher.checkpoint": _patch_checkpoint, "launcher.eval.evaluator": _patch_evaluate, "launcher.train": _patch_train}
 
 
 class _PatchOnImport(importlib.abc.MetaPathFinder):
