@@ -200,7 +200,9 @@ class Campaign:
         return t
 
     def _spec(self, rng: random.Random, i: int, sig: int) -> dict:
-        phase = PHASES[i % len(PHASES)]
+        """Trial i of a fault hits the phases in turn (a kill starts at "save", a signal at "eval": what
+        one CI trial each covers), at a random occurrence, delay and rank."""
+        phase = PHASES[(i + (2 if sig == signal.SIGKILL else 3)) % len(PHASES)]
         nth = {"startup": 1, "step": rng.randint(1, STEPS), "save": rng.randint(1, STEPS // SAVE_EVERY),
                "eval": rng.randint(1, 2)}[phase]
         return {"sig": sig, "phase": phase, "nth": nth, "delay": round(rng.uniform(0, self.durations[phase]), 3),
