@@ -277,6 +277,9 @@ def load(engine, path: Path, info: DistInfo, load_optimizer: bool = True) -> dic
     consolidated trainable state; ranks that did not exist then keep their fresh RNG."""
     marker = json.loads((path / MARKER).read_text())
     if marker["world_size"] != info.world_size:
+        if info.is_main:
+            print(f"[segcap] {path} was written by {marker['world_size']} ranks, this run has {info.world_size}: "
+                  f"loading its consolidated trainable state", flush=True)
         client_state = load_trainable(engine, path, load_optimizer)
     else:
         _, client_state = engine.load_checkpoint(

@@ -124,6 +124,8 @@ def test_recipe_stage1_stage2_eval_export_infer(slurm_2node, roots):
     job3 = slurm_2node.submit(REPO / "slurm/eval.sh", _common(), ONE_TASK, env={**env, "SEGCAP_RUN_DIR": str(run2)})
     info = slurm_2node.wait(job3, "COMPLETED", timeout=400)
     assert info["ExitCode"] == "0:0", slurm_2node.report(job3)
+    assert "was written by 2 ranks, this run has 1: loading its consolidated trainable state" in slurm_2node.output(job3)
+    assert any(k.endswith("cIoU") for k in at_end)
     again = json.loads((run2 / f"eval_eval_step{STEPS:08d}.json").read_text())
     assert {k.split("/", 1)[1]: v for k, v in again.items()} == pytest.approx(
         {k.split("/", 1)[1]: v for k, v in at_end.items()}, abs=1e-6)
