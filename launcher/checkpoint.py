@@ -229,6 +229,9 @@ def load_trainable(engine, path: Path, load_optimizer: bool = True) -> dict:
     base = _base_optimizer(engine)
     if load_optimizer:
         _init_adam_state(base, _stepped(engine), state["optimizer_step"])
+        link = getattr(engine.optimizer, "_lazy_init_hp_params_optimizer_state", None)
+        if link is not None:  # ZeRO-1/2 and bf16 map each parameter onto that state only after a step
+            link()
     for name, p in named:
         value = weights[name]
         shape = _shape(p)
