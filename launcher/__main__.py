@@ -1,4 +1,4 @@
-"""`python -m launcher <verb>`: train, eval, demo, data, count.
+"""`python -m launcher <verb>`: train, eval, demo, data, count, runs.
 
 Config errors are reported as one line naming the key, before any worker starts work.
 """
@@ -41,6 +41,16 @@ def main(argv: list[str] | None = None) -> int:
     q.add_argument("path")
     q.add_argument("-n", type=int, default=3)
 
+    p = verbs.add_parser("runs", help="MLflow runs: compare two or more, upload a run dir's spooled calls")
+    runs_verbs = p.add_subparsers(dest="runs_verb", required=True)
+    q = runs_verbs.add_parser("compare", help="differing params, final and best metrics, the UI's compare URL")
+    q.add_argument("runs", nargs="+", help="run dirs or MLflow run ids")
+    q.add_argument("--tracking-uri", help="for run ids (default MLFLOW_TRACKING_URI); run dirs know theirs")
+    q = runs_verbs.add_parser("sync", help="apply what RUN_DIR/mlflow/spool.jsonl holds that the store lacks")
+    q.add_argument("run_dir")
+    q.add_argument("--tracking-uri", help="default: the URI the run used")
+    q.add_argument("--timeout", type=float, default=300.0)
+
     args = parser.parse_args(argv)
     try:
         if args.verb == "train":
@@ -72,6 +82,13 @@ def main(argv: list[str] | None = None) -> int:
 
             print(inspect(args.path, args.n))
             return 0
+        if args.verb == "runs":
+            from launcher import runs
+
+            if args.runs_verb == "compare":
+                print(runs.compare(args.runs, args.tracking_uri))
+                return 0
+            return runs.sync_run_dir(args.run_dir, args.tracking_uri, args.timeout)
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2

@@ -76,11 +76,14 @@ class Applier(threading.Thread):
     """Applies the journal's lines to the store. Never raises into training: a failing call is retried
     with exponential backoff (1 s .. max_backoff_s) and the lines stay in the spool meanwhile."""
 
-    def __init__(self, journal: Journal, uri: str, max_backoff_s: float = 30.0, run_dir: str | Path = ""):
+    def __init__(self, journal: Journal, uri: str, max_backoff_s: float = 30.0, run_dir: str | Path = "",
+                 hang_s: float = 20.0):
         super().__init__(name="segcap-mlflow", daemon=True)  # a daemon: process exit never waits on MLflow
         self.journal, self.uri, self.max_backoff_s = journal, uri, max_backoff_s
+        self.hang_s = hang_s  # a store call busy this long counts as a hung store
         self.run_dir = str(run_dir or journal.dir.parent)
         self.stop_when_drained = False
+        self.stopped = threading.Event()  # close(): leave the rest in the spool
         self.failing_since: float | None = None  # None while the store answers
         self.call_started: float | None = None  # when the current store call began (a hang shows here)
         self.error: str = ""
@@ -88,15 +91,16 @@ class Applier(threading.Thread):
         self._client = None
 
     # --- health, as seen from the training thread
-    def healthy(self, hang_s: float = 5.0) -> bool:
-        busy = self.call_started is not None and time.monotonic() - self.call_started > hang_s
+    def healthy(self) -> bool:
+        busy = self.call_started is not None and time.monotonic() - self.call_started > self.hang_s
         return self.failing_since is None and not busy
 
-    def wait_drained(self, timeout: float) -> bool:
-        """Wait up to `timeout` s for the spool to be applied, giving up early once the store fails."""
+    def wait_drained(self, timeout: float, while_failing: bool = False) -> bool:
+        """Wait up to `timeout` s for the spool to be applied; unless `while_failing`, give up as soon as
+        the store fails or hangs."""
         deadline = time.monotonic() + timeout
         while self.journal.pending() > 0:
-            if time.monotonic() > deadline or not self.is_alive() or not self.healthy():
+            if time.monotonic() > deadline or not self.is_alive() or (not while_failing and not self.healthy()):
                 return False
             time.sleep(0.02)
         return True
@@ -104,7 +108,7 @@ class Applier(threading.Thread):
     # --- the thread
     def run(self) -> None:
         backoff = 1.0
-        while True:
+        while not self.stopped.is_set():
             offset, size = self.journal.applied, self.journal.size()
             if offset >= size:
                 if self.stop_when_drained:
@@ -132,7 +136,7 @@ class Applier(threading.Thread):
                 self.error = f"{type(e).__name__}: {e}"
                 if self.stop_when_drained and backoff >= self.max_backoff_s:
                     return
-                time.sleep(backoff)
+                self.stopped.wait(backoff)
                 backoff = min(backoff * 2, self.max_backoff_s)
                 continue
             self.journal.set_applied(end)

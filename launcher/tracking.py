@@ -7,6 +7,7 @@ ranks get a Tracker whose calls do nothing.
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import json
 import os
@@ -31,6 +32,8 @@ SLURM_FIELDS = {
     "SLURM_JOB_ACCOUNT": "slurm.account",
     "SLURM_RESTART_COUNT": "slurm.restart_count",
 }
+# MLflow's HTTP settings the user set: those win over tracking.request_timeout_s.
+_USER_ENV = {k for k in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT") if k in os.environ}
 
 
 def default_tracking_uri(output_dir: str | Path) -> str:
@@ -50,16 +53,14 @@ class Tracker:
         self.journal: Journal | None = None
         self.applier: Applier | None = None
         self._given_run_id: str | None = None
+        self._open = False  # started and not finished
         if self.active:
             # Retries are ours, in the background; a hung server must not hold a store call for minutes.
-            os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-            os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", str(max(1, round(cfg.request_timeout_s))))
-            self.journal = Journal(self.run_dir)
-            (self.journal.dir / "uri").write_text(self.uri)
-            self._lock_fd = self.journal.lock()
-            if self._lock_fd is not None:  # else a live process of this run dir applies what we append
-                self.applier = Applier(self.journal, self.uri, cfg.max_backoff_s, self.run_dir)
-                self.applier.start()
+            if "MLFLOW_HTTP_REQUEST_MAX_RETRIES" not in _USER_ENV:
+                os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = "0"
+            if "MLFLOW_HTTP_REQUEST_TIMEOUT" not in _USER_ENV:
+                os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] = str(max(1, round(cfg.request_timeout_s)))
+            self.journal, self.applier = _applier_for(self.run_dir, self.uri, cfg)
 
     @property
     def run_id(self) -> str | None:
@@ -91,6 +92,8 @@ class Tracker:
             self._append("attempt", n=n, stale=stale, when=_when())
             self._append("tags", tags={**{k: str(v) for k, v in tags.items()}, "resumed_at": _when()})
         state_file.write_text(json.dumps({"n": n, "open": True, "restart_count": restart}))
+        self._open = True
+        atexit.register(self._exit_unfinished)  # an exception or sys.exit before finish(): FAILED
         self.call_s += time.perf_counter() - t0
         self.applier and self.applier.wait_drained(self.cfg.start_wait_s)  # the id for checkpoints, if quick
         return self.run_id
@@ -132,13 +135,14 @@ class Tracker:
         if self.active and tags:
             self._append("tags", tags={k: str(v) for k, v in tags.items()})
 
-    def flush(self, timeout: float | None = None) -> bool:
-        """Wait (bounded, and not at all while the store fails) until the store has every call so far."""
+    def flush(self, timeout: float | None = None, while_failing: bool = False) -> bool:
+        """Wait (bounded, and not at all while the store fails unless `while_failing`) until the store
+        has every call so far."""
         if not self.active:
             return True
         done = self.journal.pending() == 0
         if self.applier is not None and not done:
-            done = self.applier.wait_drained(self.cfg.flush_timeout_s if timeout is None else timeout)
+            done = self.applier.wait_drained(self.cfg.flush_timeout_s if timeout is None else timeout, while_failing)
         if not done:
             print(
                 f"[segcap] warning: {self.journal.pending()} bytes of MLflow calls not yet in {self.uri}; they stay "
@@ -153,11 +157,28 @@ class Tracker:
         """status: FINISHED, FAILED, or KILLED (preempted: the requeued job reopens the run)."""
         if not self.active:
             return
+        self._open = False
         self._append("end", status=status)
         state_file = self.journal.dir / "attempt.json"
         state = json.loads(state_file.read_text()) if state_file.exists() else {"n": 0}
         state_file.write_text(json.dumps({**state, "open": False, "status": status}))
         self.flush()
+
+    def close(self) -> None:
+        """Stop the background thread now (what it has not applied stays in the spool) and free the journal."""
+        entry = _APPLIERS.pop(self.journal.dir, None) if self.journal else None
+        if entry is not None:
+            _, applier, fd = entry
+            if applier is not None:
+                applier.stopped.set()
+                applier.join(timeout=10)
+            if fd is not None:
+                os.close(fd)
+        self.applier = None
+
+    def _exit_unfinished(self) -> None:
+        if self._open:
+            self.finish("FAILED")
 
     def _append(self, op: str, **fields: Any) -> None:
         t0 = time.perf_counter()
@@ -169,6 +190,27 @@ class Tracker:
         if self.uri.startswith(("http://", "https://", "databricks")):
             return None
         return (self.run_dir.resolve().parent / "mlartifacts").as_uri() + f"/{experiment}"
+
+
+_APPLIERS: dict[Path, tuple[Journal, Applier | None, int | None]] = {}  # one per run dir and process
+
+
+def _applier_for(run_dir: Path, uri: str, cfg: TrackingConfig) -> tuple[Journal, Applier | None]:
+    """The run dir's journal and this process's applier of it (None when another live process holds
+    the journal: that one applies what we append)."""
+    key = (Path(run_dir) / "mlflow").resolve()
+    if key not in _APPLIERS:
+        journal = Journal(run_dir)
+        (journal.dir / "uri").write_text(uri)
+        fd = journal.lock()
+        applier = None
+        if fd is not None:
+            # A call busy past the HTTP timeout (plus slack for a loaded machine) is a hung store.
+            applier = Applier(journal, uri, cfg.max_backoff_s, run_dir, hang_s=cfg.request_timeout_s + 10)
+            applier.start()
+        _APPLIERS[key] = (journal, applier, fd)
+    journal, applier, _ = _APPLIERS[key]
+    return journal, applier
 
 
 def run_params(cfg_flat: dict[str, Any], ds_config: dict, world_size: int) -> dict[str, Any]:

@@ -20,7 +20,7 @@ import yaml
 from launcher import checkpoint, dist
 from launcher.config import RunConfig, flatten, to_dict
 from launcher.engine import build_run, render_ds_config
-from launcher.tracking import Tracker, run_tags
+from launcher.tracking import Tracker, dataset_inputs, run_params, run_tags
 
 EXIT_OK = 0
 EXIT_REQUEUE = 3  # "checkpoint saved, run me again": slurm/*.sh requeues the job on this code
@@ -62,7 +62,8 @@ def train(cfg: RunConfig) -> int:
         start_step, run_id = state["step"], state.get("mlflow_run_id")
         log0(info, f"resumed from {resume_from} at step {start_step}")
     tracker = Tracker(cfg.tracking, run_dir, active=info.is_main)
-    run_id = tracker.start(run_id or _env_run_id(), flatten(to_dict(cfg)), run_tags(info.world_size))
+    params = run_params(flatten(to_dict(cfg)), ds_config, info.world_size) if info.is_main else {}
+    run_id = tracker.start(run_id or _env_run_id(), params, run_tags(info.world_size))
     if info.is_main:
         _write_run_files(cfg, ds_config, run_dir, tracker, fresh=resume_from is None)
 
@@ -100,7 +101,9 @@ def train(cfg: RunConfig) -> int:
 
         if step % cfg.train.log_every == 0 or step == cfg.train.steps:
             metrics = meter.reduce(info, engine)
-            metrics["lr"] = engine.get_lr()[0]
+            lrs = engine.get_lr()
+            metrics["lr"] = lrs[0]
+            metrics.update({f"lr/group{i}": lr for i, lr in enumerate(lrs)} if len(lrs) > 1 else {})
             tracker.log_metrics(metrics, step)
             if info.is_main:
                 _append_jsonl(run_dir / "metrics.jsonl", {"step": step, **metrics})
@@ -114,7 +117,7 @@ def train(cfg: RunConfig) -> int:
         preempt = dist.all_agree(stop.signum is not None or over_budget, info.device)
         if preempt or step % cfg.train.save_every == 0 or step == cfg.train.steps:
             checkpoint.save(
-                engine, ckpt_dir, step, {"step": step, "mlflow_run_id": run_id}, info, cfg.train.keep_checkpoints
+                engine, ckpt_dir, step, {"step": step, "mlflow_run_id": tracker.run_id}, info, cfg.train.keep_checkpoints
             )
         if preempt and step < cfg.train.steps:
             why = f"signal {stop.signum}" if stop.signum is not None else "time budget"
@@ -137,7 +140,7 @@ class _Meter:
         self.n = 0
         self.samples = 0
         self.tokens = 0
-        self.skipped = 0
+        self.skipped: dict[str, int] = {}  # reason -> count (datapipes.loader.SkipCounter)
         self.time = 0.0
 
     def add(self, out, batch) -> None:
@@ -146,12 +149,13 @@ class _Meter:
             self.sums[k] = self.sums.get(k, 0.0) + float(v)
         self.samples += int(batch.input_ids.shape[0])
         self.tokens += int(batch.attention_mask.sum())
-        self.skipped += sum(batch.skipped.values()) if batch.skipped else 0
+        for reason, n in (batch.skipped or {}).items():
+            self.skipped[reason] = self.skipped.get(reason, 0) + n
 
     def reduce(self, info: dist.DistInfo, engine) -> dict[str, float]:
         """Mean of each term over ranks and micro-steps; throughput summed over ranks."""
         keys = sorted(self.sums)
-        vec = torch.tensor([self.sums[k] / self.n for k in keys] + [self.samples, self.tokens, self.skipped])
+        vec = torch.tensor([self.sums[k] / self.n for k in keys] + [self.samples, self.tokens])
         mem = torch.tensor([_memory_bytes(info)], dtype=torch.float64)
         if torch.distributed.is_initialized():
             vec, mem = vec.to(info.device), mem.to(info.device)
@@ -159,16 +163,31 @@ class _Meter:
             torch.distributed.all_reduce(mem, op=torch.distributed.ReduceOp.MAX)
         vec = vec.cpu().tolist()
         out = {f"train/{k}": vec[i] / info.world_size for i, k in enumerate(keys)}
-        samples, tokens, skipped = vec[len(keys) :]
+        samples, tokens = vec[len(keys) :]
+        skipped = _sum_over_ranks(self.skipped, info)
         out["perf/samples_per_s"] = samples / max(self.time, 1e-9)
         out["perf/tokens_per_s"] = tokens / max(self.time, 1e-9)
         out["perf/step_time_s"] = self.time / max(1, self.n)
         out["perf/memory_gb"] = float(mem.item()) / 2**30
-        out["data/skipped"] = skipped
+        out["data/skipped"] = float(sum(skipped.values()))
+        out.update({f"data/skipped/{reason}": float(n) for reason, n in sorted(skipped.items())})
         grad_norm = engine.get_global_grad_norm()
         if grad_norm is not None:
             out["train/grad_norm"] = float(grad_norm)
         return out
+
+
+def _sum_over_ranks(counts: dict[str, int], info: dist.DistInfo) -> dict[str, int]:
+    """Counts whose keys differ per rank (skip reasons), summed: an object gather, once per log step."""
+    if not torch.distributed.is_initialized() or info.world_size == 1:
+        return dict(counts)
+    gathered: list = [None] * info.world_size
+    torch.distributed.all_gather_object(gathered, counts)
+    total: dict[str, int] = {}
+    for c in gathered:
+        for k, n in c.items():
+            total[k] = total.get(k, 0) + n
+    return total
 
 
 def _memory_bytes(info: dist.DistInfo) -> float:
@@ -194,11 +213,10 @@ def _append_jsonl(path: Path, row: dict) -> None:
 def _write_run_files(cfg: RunConfig, ds_config: dict, run_dir: Path, tracker: Tracker, fresh: bool) -> None:
     (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
     (run_dir / "deepspeed.json").write_text(json.dumps(ds_config, indent=2))
-    if tracker.run_id:
-        (run_dir / "mlflow_run_id").write_text(tracker.run_id)
-    if fresh:
+    if fresh:  # (run_dir/mlflow_run_id is written once the store has the run: launcher/spool.py)
         tracker.log_artifact(run_dir / "config.yaml", "config")
         tracker.log_artifact(run_dir / "deepspeed.json", "config")
+        tracker.log_inputs(dataset_inputs(cfg.data.train, "train") + dataset_inputs(cfg.data.val, "eval"))
 
 
 def _env_run_id() -> str | None:
