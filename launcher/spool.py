@@ -96,10 +96,12 @@ class Applier(threading.Thread):
         return self.failing_since is None and not busy
 
     def wait_drained(self, timeout: float, while_failing: bool = False) -> bool:
-        """Wait up to `timeout` s for the spool to be applied; unless `while_failing`, give up as soon as
-        the store fails or hangs."""
-        deadline = time.monotonic() + timeout
+        """Wait until the spool is applied, giving up after `timeout` s without progress; unless
+        `while_failing`, give up as soon as the store fails or hangs."""
+        deadline, last = time.monotonic() + timeout, self.journal.applied
         while self.journal.pending() > 0:
+            if self.journal.applied != last:  # a slow store that makes progress is waited for
+                deadline, last = time.monotonic() + timeout, self.journal.applied
             if time.monotonic() > deadline or not self.is_alive() or (not while_failing and not self.healthy()):
                 return False
             time.sleep(0.02)

@@ -95,7 +95,9 @@ class Tracker:
         self._open = True
         atexit.register(self._exit_unfinished)  # an exception or sys.exit before finish(): FAILED
         self.call_s += time.perf_counter() - t0
-        self.applier and self.applier.wait_drained(self.cfg.start_wait_s)  # the id for checkpoints, if quick
+        deadline = time.monotonic() + self.cfg.start_wait_s  # the id for checkpoints, if the store is quick
+        while self.run_id is None and self.applier and self.applier.healthy() and time.monotonic() < deadline:
+            time.sleep(0.02)
         return self.run_id
 
     def attach(self, run_id: str | None = None) -> None:
