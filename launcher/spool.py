@@ -35,7 +35,7 @@ class Journal:
         line = json.dumps(op, default=str) + "\n"
         with self._lock:
             if self._f is None:
-                self._f = open(self.spool, "a")
+                self._f = open(self.spool, "a")  # noqa: SIM115 - kept open for the run
             self._f.write(line)
             self._f.flush()  # the applier reads the file, and a kill -9 must not lose the line
         with self.written:

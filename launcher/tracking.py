@@ -259,10 +259,10 @@ def dataset_inputs(sources: list, context: str) -> list[dict]:
 def _git_state() -> tuple[str | None, bool]:
     here = Path(__file__).resolve().parent
     try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5)
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], check=False, cwd=here, capture_output=True, text=True, timeout=5)
         if commit.returncode != 0:
             return None, False
-        status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+        status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], check=False, cwd=here,
                                 capture_output=True, text=True, timeout=10)
         return commit.stdout.strip() or None, bool(status.stdout.strip())
     except (OSError, subprocess.TimeoutExpired):

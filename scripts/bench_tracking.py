@@ -31,7 +31,6 @@ def main() -> int:
     args = ap.parse_args()
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
-    import torch
     from PIL import Image
 
     from datapipes.loader import build_train_loader
@@ -81,10 +80,10 @@ def main() -> int:
     times: dict[str, list[float]] = {"off": [], "up": [], "down": []}
     n = 0
     for _ in range(args.blocks):
-        for mode in times:
+        for mode, bucket in times.items():
             for _ in range(args.steps):
                 n += 1
-                times[mode].append(step(n, trackers.get(mode)))
+                bucket.append(step(n, trackers.get(mode)))
     off = statistics.mean(times["off"])
     print(f"tiny demo model, 1 CPU process, {args.blocks} x {args.steps} steps per mode, log every step:")
     print(f"  tracker off: {1e3 * off:.1f} ms/step (median {1e3 * statistics.median(times['off']):.1f})")

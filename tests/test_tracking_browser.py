@@ -12,11 +12,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from mlflow_stack import REPO, need
 
 from launcher.config import TrackingConfig
 from launcher.evaluate import draw_overlay
 from launcher.tracking import Tracker
-from mlflow_stack import REPO, need
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 ARTIFACTS = Path(os.environ.get("SEGCAP_TEST_ARTIFACTS", REPO / "test-artifacts"))
