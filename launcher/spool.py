@@ -126,6 +126,10 @@ class Applier(threading.Thread):
                 self.call_started = None
             except Exception as e:  # noqa: BLE001 - any store error: keep the lines, retry later
                 self.call_started = None
+                if _permanent(e):  # retrying cannot help (a changed param, a deleted file): set it aside
+                    self._reject(lines, e)
+                    self.journal.set_applied(end)
+                    continue
                 if self.failing_since is None:
                     self.failing_since = time.monotonic()
                     print(
@@ -148,6 +152,13 @@ class Applier(threading.Thread):
                 print(f"[segcap] MLflow store {self.uri} is back after {down:.0f} s; spooled calls replayed",
                       file=sys.stderr, flush=True)
                 self.failing_since, backoff = None, 1.0
+
+    def _reject(self, lines: list[dict], e: Exception) -> None:
+        with open(self.journal.dir / "rejected.jsonl", "a") as f:
+            for op in lines:
+                f.write(json.dumps({**op, "error": f"{type(e).__name__}: {e}"[:2000]}) + "\n")
+        print(f"[segcap] warning: MLflow rejected {lines[0]['op']} ({type(e).__name__}: {str(e)[:300]}); "
+              f"set aside in {self.journal.dir / 'rejected.jsonl'}", file=sys.stderr, flush=True)
 
     def _read(self, offset: int, size: int) -> tuple[list[dict], int]:
         """Whole lines from `offset`: one non-metric op, or a run of metric ops up to MLflow's batch limit."""
@@ -269,6 +280,18 @@ class Applier(threading.Thread):
             for d in op["datasets"]
         ]
         self.client.log_inputs(self._run_id(), datasets=inputs)
+
+
+def _permanent(e: Exception) -> bool:
+    """A request the store understood and refused (HTTP 4xx but 429), or a file that is gone."""
+    if isinstance(e, FileNotFoundError):
+        return True
+    from mlflow.exceptions import MlflowException
+
+    if isinstance(e, MlflowException):
+        code = e.get_http_status_code()
+        return 400 <= code < 500 and code != 429
+    return False
 
 
 def sync(run_dir: str | Path, uri: str, timeout: float = 300.0) -> int:

@@ -220,3 +220,17 @@ def test_runs_compare_shows_differing_params_metrics_and_the_ui_url(mlflow_serve
     assert [ln.split() for ln in lines if ln.startswith("train/loss")] == [["train/loss", "2", "1", "2.2", "2.2"]]
     assert [ln.split() for ln in lines if ln.startswith("val/cIoU")] == [["val/cIoU", "0.3", "0.3", "0.3", "0.3"]]
     assert f'{mlflow_server.uri}/#/compare-runs?runs=["{ids[0]}","{ids[1]}"]' in out
+
+
+def test_a_call_the_store_refuses_is_set_aside_and_the_rest_applied(tmp_path):
+    """A permanent refusal (here a param changed: MLflow forbids it) must not block the journal forever."""
+    uri = f"sqlite:///{tmp_path}/m.db"
+    tracker = Tracker(TrackingConfig(tracking_uri=uri, experiment="refused"), tmp_path / "run", True)
+    tracker.start(None, {"a": 1}, {})
+    tracker.journal.append({"op": "params", "ts": 0, "params": {"a": "2"}})
+    tracker.log_metrics({"x": 1.0}, 1)
+    tracker.finish()
+    (rejected,) = [json.loads(ln) for ln in (tmp_path / "run/mlflow/rejected.jsonl").read_text().splitlines()]
+    assert rejected["params"] == {"a": "2"} and "Changing param values is not allowed" in rejected["error"]
+    run = client(uri).get_run(tracker.run_id)
+    assert (run.info.status, run.data.params, run.data.metrics) == ("FINISHED", {"a": "1"}, {"x": 1.0})
