@@ -71,9 +71,9 @@ class MlflowServer:
         if self.proc is None:
             return
         self.resume()
-        os.killpg(self.proc.pid, signal.SIGTERM)  # all at once: the server, PostgreSQL (fast), the script
+        os.killpg(self.proc.pid, signal.SIGINT)  # all at once: the server, PostgreSQL (fast shutdown), the script
         try:
-            self.proc.wait(timeout=60)
+            self.proc.wait(timeout=20)
         except subprocess.TimeoutExpired:
             os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait(timeout=10)
