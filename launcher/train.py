@@ -85,7 +85,11 @@ def train(cfg: RunConfig) -> int:
     )
 
     # --- loop
-    meter = _Meter()
+    from datapipes.loader import REASONS
+
+    skip_keys = [f"{src.name}/{r}" for src in cfg.data.train for r in REASONS]  # the same on every rank
+    skipped_total: dict[str, float] = {}
+    meter = _Meter(skip_keys)
     step = start_step
     engine.train()
     while step < cfg.train.steps:
@@ -108,7 +112,12 @@ def train(cfg: RunConfig) -> int:
             if info.is_main:
                 _append_jsonl(run_dir / "metrics.jsonl", {"step": step, **metrics})
                 print(_progress(step, cfg.train.steps, metrics, t_start), flush=True)
-            meter = _Meter()
+                if any(k.startswith("data/skipped/") for k in metrics):
+                    for k, v in metrics.items():
+                        if k.startswith("data/skipped/"):
+                            skipped_total[k[13:]] = skipped_total.get(k[13:], 0) + v
+                    log0(info, "data skipped so far (source/reason): " + ", ".join(f"{k}={v:.0f}" for k, v in sorted(skipped_total.items())))
+            meter = _Meter(skip_keys)
         if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < cfg.train.steps:
             evaluator.run(engine.module, step=step)
             engine.train()
@@ -135,12 +144,14 @@ def train(cfg: RunConfig) -> int:
 class _Meter:
     """Sums the loss terms and counts of the micro-steps since the last log."""
 
-    def __init__(self) -> None:
+    def __init__(self, skip_keys: list[str]) -> None:
         self.sums: dict[str, float] = {}
         self.n = 0
         self.samples = 0
         self.tokens = 0
-        self.skipped: dict[str, int] = {}  # reason -> count (datapipes.loader.SkipCounter)
+        self.skip_keys = skip_keys  # "source/reason", the same list on every rank (they all-reduce)
+        self.skipped: dict[str, int] = {}
+        self.cut = 0
         self.time = 0.0
 
     def add(self, out, batch) -> None:
@@ -149,13 +160,15 @@ class _Meter:
             self.sums[k] = self.sums.get(k, 0.0) + float(v)
         self.samples += int(batch.input_ids.shape[0])
         self.tokens += int(batch.attention_mask.sum())
-        for reason, n in (batch.skipped or {}).items():
-            self.skipped[reason] = self.skipped.get(reason, 0) + n
+        for k, v in batch.skipped.items():
+            self.skipped[k] = self.skipped.get(k, 0) + v
+        self.cut += batch.cut
 
     def reduce(self, info: dist.DistInfo, engine) -> dict[str, float]:
         """Mean of each term over ranks and micro-steps; throughput summed over ranks."""
         keys = sorted(self.sums)
-        vec = torch.tensor([self.sums[k] / self.n for k in keys] + [self.samples, self.tokens])
+        skips = [self.skipped.get(k, 0) for k in self.skip_keys]
+        vec = torch.tensor([self.sums[k] / self.n for k in keys] + [self.samples, self.tokens, self.cut] + skips)
         mem = torch.tensor([_memory_bytes(info)], dtype=torch.float64)
         if torch.distributed.is_initialized():
             vec, mem = vec.to(info.device), mem.to(info.device)
@@ -163,31 +176,19 @@ class _Meter:
             torch.distributed.all_reduce(mem, op=torch.distributed.ReduceOp.MAX)
         vec = vec.cpu().tolist()
         out = {f"train/{k}": vec[i] / info.world_size for i, k in enumerate(keys)}
-        samples, tokens = vec[len(keys) :]
-        skipped = _sum_over_ranks(self.skipped, info)
+        samples, tokens, cut = vec[len(keys) : len(keys) + 3]
+        skips = dict(zip(self.skip_keys, vec[len(keys) + 3 :]))
         out["perf/samples_per_s"] = samples / max(self.time, 1e-9)
         out["perf/tokens_per_s"] = tokens / max(self.time, 1e-9)
         out["perf/step_time_s"] = self.time / max(1, self.n)
         out["perf/memory_gb"] = float(mem.item()) / 2**30
-        out["data/skipped"] = float(sum(skipped.values()))
-        out.update({f"data/skipped/{reason}": float(n) for reason, n in sorted(skipped.items())})
+        out["data/skipped"] = sum(skips.values())
+        out.update({f"data/skipped/{k}": v for k, v in skips.items() if v})  # per source and reason
+        out["data/cut"] = cut  # answers cut at a phrase boundary to fit data.max_length
         grad_norm = engine.get_global_grad_norm()
         if grad_norm is not None:
             out["train/grad_norm"] = float(grad_norm)
         return out
-
-
-def _sum_over_ranks(counts: dict[str, int], info: dist.DistInfo) -> dict[str, int]:
-    """Counts whose keys differ per rank (skip reasons), summed: an object gather, once per log step."""
-    if not torch.distributed.is_initialized() or info.world_size == 1:
-        return dict(counts)
-    gathered: list = [None] * info.world_size
-    torch.distributed.all_gather_object(gathered, counts)
-    total: dict[str, int] = {}
-    for c in gathered:
-        for k, n in c.items():
-            total[k] = total.get(k, 0) + n
-    return total
 
 
 def _memory_bytes(info: dist.DistInfo) -> float:
