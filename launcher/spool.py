@@ -245,6 +245,8 @@ class Applier(threading.Thread):
         if op.get("run_id"):  # an existing run (MLFLOW_RUN_ID, or a checkpoint's id without a journal)
             run_id = op["run_id"]
             self.client.get_run(run_id)
+            if op.get("reopen"):  # a training start, not an attach: the run is running again
+                self.client.update_run(run_id, status="RUNNING")
         else:
             run_id = self.client.create_run(exp_id, run_name=op.get("run_name"), tags=op.get("tags") or {},
                                             start_time=op["ts"]).info.run_id

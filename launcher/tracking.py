@@ -79,7 +79,7 @@ class Tracker:
         if state is None:
             name = os.environ.get("MLFLOW_EXPERIMENT_NAME", self.cfg.experiment)
             self._append("start", experiment=name, run_name=self.cfg.run_name, tags=tags, run_id=run_id,
-                         artifact_location=self._artifact_location(name))
+                         reopen=run_id is not None, artifact_location=self._artifact_location(name))
             self._append("attempt", n=1, stale=None, when=_when())
             params = {k: str(v)[:MAX_PARAM_LEN] for k, v in params.items()}
             self._append("params", params=params)
