@@ -29,6 +29,7 @@ class Journal:
         self.spool.touch()
         self._lock = threading.Lock()
         self._f = None
+        self._applied: int | None = None
         self.written = threading.Condition()
 
     def append(self, op: dict[str, Any]) -> None:
@@ -46,6 +47,8 @@ class Journal:
 
     @property
     def applied(self) -> int:
+        if self._applied is not None:  # this process applies the journal: its own count is the truth
+            return self._applied
         p = self.dir / "applied"
         return int(p.read_text()) if p.exists() else 0
 
@@ -53,6 +56,7 @@ class Journal:
         tmp = self.dir / "applied.tmp"
         tmp.write_text(str(offset))
         tmp.replace(self.dir / "applied")
+        self._applied = offset
 
     def run_id(self) -> str | None:
         p = self.dir / "run_id"
@@ -119,6 +123,9 @@ class Applier(threading.Thread):
                     self.journal.written.wait(timeout=0.5)
                 continue
             lines, end = self._read(offset, size)
+            if not lines:  # only a line still being written
+                self.stopped.wait(0.05)
+                continue
             try:
                 self.client  # noqa: B018 - import and build it first: a slow import is not a hung store
                 self.call_started = time.monotonic()
