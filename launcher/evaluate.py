@@ -317,8 +317,8 @@ def evaluate_checkpoint(cfg: RunConfig) -> int:
     tokenizer, model, engine = build_run(cfg, render_ds_config(cfg, info))
     state = checkpoint.load(engine, ckpt, info)
     tracker = Tracker(cfg.tracking, run_dir, active=info.is_main)
-    if state.get("mlflow_run_id") and tracker.active:
-        tracker.attach(state["mlflow_run_id"])
+    if tracker.active and (state.get("mlflow_run_id") or tracker.has_run):  # the run dir's own run
+        tracker.attach(state.get("mlflow_run_id"))
     else:
         tracker.start(None, {}, {**run_tags(info.world_size), "kind": "eval", "checkpoint": str(ckpt)})
     evaluator = Evaluator(cfg, tokenizer, info, run_dir, tracker, num_image_tokens=model.num_image_tokens)

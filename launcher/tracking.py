@@ -100,6 +100,11 @@ class Tracker:
             time.sleep(0.02)
         return self.run_id
 
+    @property
+    def has_run(self) -> bool:
+        """This run dir has a run (or one on its way to the store): attach() logs into it."""
+        return bool(self.journal) and (self.journal.run_id() is not None or (self.journal.dir / "attempt.json").exists())
+
     def attach(self, run_id: str | None = None) -> None:
         """Log into this run dir's run (or `run_id` when the run dir has none) without changing its status."""
         if not self.active:
