@@ -161,14 +161,16 @@ class Tracker:
         return done
 
     def finish(self, status: str = "FINISHED") -> None:
-        """status: FINISHED, FAILED, or KILLED (preempted: the requeued job reopens the run)."""
+        """status: FINISHED, FAILED, or KILLED (preempted: the requeued job reopens the run). Closes the
+        run only if this tracker started it; an attached tracker just flushes."""
         if not self.active:
             return
-        self._open = False
-        self._append("end", status=status)
-        state_file = self.journal.dir / "attempt.json"
-        state = json.loads(state_file.read_text()) if state_file.exists() else {"n": 0}
-        state_file.write_text(json.dumps({**state, "open": False, "status": status}))
+        if self._open:
+            self._open = False
+            self._append("end", status=status)
+            state_file = self.journal.dir / "attempt.json"
+            state = json.loads(state_file.read_text()) if state_file.exists() else {"n": 0}
+            state_file.write_text(json.dumps({**state, "open": False, "status": status}))
         self.flush()
 
     def close(self) -> None:

@@ -5,5 +5,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install.sh
 bash scripts/install_slurm.sh
-bash scripts/install_services.sh
+bash scripts/install_services.sh  # PostgreSQL, Chromium (MLflow server and browser tests)
+bash scripts/install_java.sh  # METEOR / PTB tokenizer (launcher/eval)
 exec "${PYTHON:-python3}" -m pytest -q tests "$@"

@@ -15,7 +15,8 @@ import torch
 from mlflow_stack import REPO, need
 
 from launcher.config import TrackingConfig
-from launcher.evaluate import draw_overlay
+from launcher.eval.overlays import draw_overlay
+from launcher.eval.runner import Overlay
 from launcher.tracking import Tracker
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
@@ -65,7 +66,7 @@ def overlay(step: int, path: Path) -> Path:
     gt[8:24, 8:24] = True
     pred = torch.zeros(32, 32, dtype=torch.bool)
     pred[8 : 12 + 4 * step, 8 : 12 + 4 * step] = True
-    draw_overlay(pixels, torch.tensor([32, 32]), gt, pred, caption=f"step {step}").save(path)
+    draw_overlay(Overlay(pixels, (32, 32), gt, pred, key="sample0", task="referring", caption=f"step {step}")).save(path)
     return path
 
 
