@@ -176,3 +176,26 @@ def profile_step(model, mode: FakeTensorMode, batch_size: int, seq_len: int) -> 
     for p in model.parameters():
         p.grad = None
     return StepProfile(batch_size, seq_len, fwd.get_total_flops(), counter.get_total_flops(), live.peak - live.now, by_module)
+
+
+@dataclass
+class FlopModel:
+    """Training FLOPs of a batch (forward + backward, no recompute): a part per sample (the image towers
+    and the decoder) plus a part per token (the LLM, linear in tokens to first order)."""
+
+    per_sample: float
+    per_token: float
+
+    def of(self, samples: int, tokens: int) -> float:
+        return self.per_sample * samples + self.per_token * tokens
+
+
+def flop_model(cfg: RunConfig) -> FlopModel:
+    """From one fake forward + backward of a one-sample batch (the `count` sample), the LLM's share of
+    it split off per token by its share of the forward FLOPs."""
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    model = build_fake(cfg, mode, gradient_checkpointing=False)
+    seq = model.num_image_tokens + TEXT_TOKENS
+    prof = profile_step(model, mode, batch_size=1, seq_len=seq)
+    llm_share = prof.flops_by_module.get("SegCapModel.llm", 0) / max(prof.forward_flops, 1)
+    return FlopModel(per_sample=prof.train_flops * (1 - llm_share), per_token=prof.train_flops * llm_share / seq)

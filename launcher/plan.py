@@ -35,6 +35,15 @@ GPUS = {
     "h200": Gpu("H200-SXM 141GB", 141, 989, 4800, 450, 8 * 400),
 }
 
+def peak_tflops(device_name: str) -> float | None:
+    """The dense bf16 peak of a CUDA device by its name (torch.cuda.get_device_name), if it is one of GPUS."""
+    name = device_name.upper()
+    for key, gpu in GPUS.items():
+        if key.split("-")[0].upper() in name:
+            return gpu.bf16_tflops
+    return None
+
+
 # Assumptions of the estimate (printed with it): the share of peak FLOPs that the kernels reach, the share
 # of nominal link bandwidth that NCCL's collectives reach, and what CUDA and the allocator keep.
 COMPUTE_EFFICIENCY = 0.5
