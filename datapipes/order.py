@@ -58,7 +58,10 @@ class TarIndex:
     payloads). Samples are grouped by key in file order, as webdataset groups them. A shard cut short
     ends the list early; `error` says why, and the missing indices read as bad samples (reason "tar")."""
 
+    scans = 0  # shards indexed by this process (what a resume costs besides arithmetic)
+
     def __init__(self, url: str):
+        TarIndex.scans += 1
         self.url = url
         self.samples: list[tuple[str, dict[str, tuple[int, int]]]] = []
         self.error: str | None = None
@@ -110,6 +113,7 @@ class SourceOrder:
         self.total = int(self.sizes.sum())
         self._shards: OrderedDict[str, TarIndex] = OrderedDict()  # the last few scanned shards
         self._perms: dict[tuple, np.ndarray] = {}
+        self._visit: dict[int, tuple[tuple, np.ndarray]] = {}
 
     def locate(self, position: int) -> tuple[ShardSlice, int]:
         """The slice and the sample index in its shard at `position` (no file is touched)."""
@@ -124,8 +128,10 @@ class SourceOrder:
         j = int(np.searchsorted(ends, offset, side="right"))
         offset -= int(ends[j - 1]) if j else 0
         sl = self.slices[order[j]]
-        within = _rng(self.seed, _TAGS["visit"], self.index, self.slot, lane, epoch, j).permutation(sl.size)
-        return sl, sl.residue + int(within[offset]) * sl.modulo
+        visit = (lane, epoch, j)
+        if self._visit.get(lane, (None,))[0] != visit:  # one visit's permutation per lane kept
+            self._visit[lane] = (visit, _rng(self.seed, _TAGS["visit"], self.index, self.slot, *visit).permutation(sl.size))
+        return sl, sl.residue + int(self._visit[lane][1][offset]) * sl.modulo
 
     def read(self, position: int) -> dict:
         sl, index = self.locate(position)

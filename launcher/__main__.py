@@ -1,4 +1,4 @@
-"""`python -m launcher <verb>`: train, eval, demo, data, count.
+"""`python -m launcher <verb>`: train, eval, demo, data, count, export, infer.
 
 Config errors are reported as one line naming the key, before any worker starts work.
 """
@@ -44,11 +44,36 @@ def main(argv: list[str] | None = None) -> int:
     from datapipes.convert import add_arguments
 
     add_arguments(q)
+    q = data_verbs.add_parser("annotate", help="SA-1B photos + automatic masks -> MGSC SegCap shards (a labeller names them)")
+    from datapipes.annotate import add_arguments as add_annotate_arguments
+
+    add_annotate_arguments(q)
     q = data_verbs.add_parser("group", help="one shard folder listing several converted folders' shards")
     q.add_argument("--out", required=True)
     q.add_argument("members", nargs="+", help="converted shard folders")
 
+    p = verbs.add_parser("export", help="a checkpoint step -> a self-contained Hugging Face-style folder")
+    p.add_argument("--run", required=True, help="the run directory (train.output_dir)")
+    p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest complete)")
+    p.add_argument("--out", required=True, help="the folder to write (must not exist or be empty)")
+    p.add_argument("--lora-only", action="store_true", help="keep the LoRA adapter unmerged (peft format in adapter/)")
+    p.add_argument("--max-shard-size", default="2GB", help="safetensors shard size of the LLM")
+
+    p = verbs.add_parser("infer", help="answer prompts about images with an exported model: JSON + overlay PNG")
+    p.add_argument("--model", required=True, help="a folder written by `export`")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--image", help="one image (with --prompt)")
+    src.add_argument("--jsonl", help='a batch: one {"image": path, "prompt": str[, "name": stem]} per line')
+    p.add_argument("--prompt", help="the question or instruction for --image")
+    p.add_argument("--out", default="infer_out", help="output folder: <stem>.json and <stem>.png per image")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="auto: bfloat16 on a GPU that supports it, else float32")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+
     args = parser.parse_args(argv)
+    if args.verb == "infer" and bool(args.image) != bool(args.prompt):
+        parser.error("infer: --image needs --prompt (or give --jsonl)")
     try:
         if args.verb == "train":
             from launcher.train import train
@@ -67,6 +92,23 @@ def main(argv: list[str] | None = None) -> int:
 
             print(count(load_config(args.config, args.overrides)))
             return 0
+        if args.verb == "export":
+            from launcher.export import export
+
+            out = export(args.run, args.out, step=args.step, lora_only=args.lora_only, max_shard_size=args.max_shard_size)
+            print(f"exported {args.run} to {out}")
+            return 0
+        if args.verb == "infer":
+            from pathlib import Path
+
+            from launcher.infer import Request, infer, requests_from_jsonl, safe_stem
+
+            if args.jsonl:
+                requests = requests_from_jsonl(Path(args.jsonl))
+            else:
+                requests = [Request(Path(args.image), args.prompt, safe_stem(Path(args.image).stem))]
+            infer(Path(args.model), requests, Path(args.out), args.device, args.dtype, args.max_new_tokens)
+            return 0
         if args.verb == "data" and args.data_verb == "synth":
             from datapipes.synthetic import write_synthetic
 
@@ -83,6 +125,10 @@ def main(argv: list[str] | None = None) -> int:
             from datapipes.convert import main as convert_main
 
             return convert_main(args)
+        if args.verb == "data" and args.data_verb == "annotate":
+            from datapipes.annotate import main as annotate_main
+
+            return annotate_main(args)
         if args.verb == "data" and args.data_verb == "group":
             from datapipes.convert.common import ConvertError
             from datapipes.convert.group import write_group
@@ -96,6 +142,11 @@ def main(argv: list[str] | None = None) -> int:
             return 0
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
+        return 2
+    except (FileNotFoundError, FileExistsError, ValueError) as e:
+        if args.verb not in ("export", "infer"):
+            raise
+        print(f"{args.verb}: {e}", file=sys.stderr)  # a wrong path or input file: one line, no traceback
         return 2
     return 1
 

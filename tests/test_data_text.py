@@ -143,3 +143,14 @@ def test_prompt_too_long_for_any_cut_is_too_long(tok):
     with pytest.raises(TooLong, match="no cut of the answer fits") as e:
         fit(tok, THREE, N_IMG + 5)
     assert e.value.reason == "too_long"
+
+
+@pytest.mark.parametrize("stage", ["stage1", "stage2"])
+def test_shipped_budgets_leave_the_text_room_after_the_image_tokens(stage):
+    from launcher.config import load_config
+
+    cfg = load_config(f"configs/train/{stage}.yaml")
+    image_tokens = (cfg.model.vision.image_size // cfg.model.vision.patch_size) ** 2
+    assert image_tokens == 576  # CLIP-L/336
+    assert cfg.data.max_length - image_tokens >= 1024  # stage 1 dropped every sample at 512; stage 2 kept ~150 at 768
+    assert cfg.data.max_length <= cfg.model.llm.max_position_embeddings

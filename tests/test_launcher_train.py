@@ -123,7 +123,7 @@ def test_checkpoint_excludes_frozen_weights(uninterrupted):
 
     ckpt = uninterrupted / "checkpoints" / f"step_{STEPS:08d}"
     files = sorted(p.name for p in ckpt.iterdir())
-    assert "COMPLETE" in files and "rng_rank00000.pt" in files and "rng_rank00001.pt" in files
+    assert {"COMPLETE", "rng_rank00000.json", "rng_rank00001.json", "trainable"} <= set(files)
     states = [p for p in ckpt.glob("*model_states.pt")]
     assert states, files
     sd = torch.load(states[0], map_location="cpu", weights_only=False)
