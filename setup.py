@@ -23,6 +23,8 @@ setup(
         "mlflow>=3.0,<3.18",
         "omegaconf>=2.3,<2.5",
         "pycocotools>=2.0.8",
+        "pycocoevalcap==1.2",  # METEOR / CIDEr of GCG and captions (launcher/eval); Java at run time
+        "scikit-learn>=1.3",  # TF-IDF text similarity of the GCG mask recall (launcher/eval)
         "scipy>=1.11",
         "numpy>=1.26",
         "pillow>=10",

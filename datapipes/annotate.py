@@ -256,21 +256,24 @@ def main(args, segcap_labeller=None) -> int:
     from datapipes.labellers import LabellerError, build_labeller
 
     try:
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        cache = str(Path(args.out) / "labeller_cache.sqlite")
         if args.labeller == "segcap":
             if segcap_labeller is None or not args.model:
                 raise ConvertError("--labeller segcap needs --model EXPORT_DIR (a `launcher export` folder)")
-            labeller = segcap_labeller(args.model)
+            if args.workers != 1:  # each forked worker would hold the model and fight over the device
+                raise ConvertError("--labeller segcap runs one model: use --workers 1")
+            labeller = segcap_labeller(args.model, cache)
         else:
-            Path(args.out).mkdir(parents=True, exist_ok=True)
             labeller = build_labeller(args.labeller, labels=args.labels, url=args.url, model=args.model,
-                                      api_key=args.api_key, cache_path=str(Path(args.out) / "labeller_cache.sqlite"),
+                                      api_key=args.api_key, cache_path=cache,
                                       concurrency=args.concurrency, timeout_s=args.timeout, max_retries=args.retries)
         rules = MaskFilter(args.min_predicted_iou, args.min_stability, args.min_area_fraction, args.max_duplicate_iou,
                            args.max_masks)
         annotate_folder(args.src, args.out, labeller, rules=rules, val_fraction=args.val_fraction,
                         workers=args.workers, shard_size_mb=args.shard_size, min_shards=args.min_shards,
                         dataset=args.dataset)
-    except (ConvertError, LabellerError) as e:
+    except (ConvertError, LabellerError, FileNotFoundError) as e:
         print(f"annotate error: {e}", file=sys.stderr)
         return 2
     return 0

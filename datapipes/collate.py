@@ -39,6 +39,7 @@ class Example:
     has_mask: np.ndarray | None = None  # (n,) bool: False for box-only; None: all True
     instance_masks: np.ndarray | None = None  # (n, h, w) uint8; None: `masks` (one instance per [SEG])
     hw: tuple[int, int] | None = None  # the stored image size (h, w) when `image` was decoded smaller
+    sample: object | None = None  # the parsed schema.Sample (eval scores against it at the original size); None: filler
 
     @property
     def size(self) -> tuple[int, int]:
@@ -66,6 +67,7 @@ class Batch:
     gt_owner: list[torch.Tensor] = field(default_factory=list)  # B x (n_i,) long: the [SEG] (0..k_i-1) of each instance
     has_mask: list[torch.Tensor] = field(default_factory=list)  # B x (n_i,) bool: False for box-only instances
     gt_instance_masks: list[torch.Tensor] = field(default_factory=list)  # B x (n_i, S, S) uint8 (gt_masks[i] itself when n_i == k_i)
+    samples: list = field(default_factory=list)  # B x schema.Sample (None for fillers): the eval's targets at the original size
 
     def model_inputs(self) -> dict:
         """The kwargs of SegCapModel.forward. The instance-level targets are added only when a sample has
@@ -230,4 +232,5 @@ def collate(examples: list[Example], *, pad_id: int, clip_size: int, sam_size: i
         gt_owner=owners,
         has_mask=has_mask,
         gt_instance_masks=inst_masks,
+        samples=[e.sample for e in examples],
     )

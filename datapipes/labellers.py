@@ -23,7 +23,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image
 
 NO_LABEL = {"", "none", "unknown", "nothing", "n/a", "background", "unclear"}
 PROMPT = ("The first image shows a photo with one region outlined in red; the second is a close-up of that region. "
@@ -115,24 +115,29 @@ class LabelCache:
         self._local = threading.local()
 
 
+def outlined(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """A copy of the photo with the mask's outline drawn in red, 3 px wide (visible after downscaling)."""
+    padded = np.pad(mask, 1)
+    edge = mask & ~(padded[2:, 1:-1] & padded[:-2, 1:-1] & padded[1:-1, 2:] & padded[1:-1, :-2])
+    grown = edge.copy()
+    for dy, dx in ((0, 1), (1, 0), (0, -1), (-1, 0)):
+        grown |= np.roll(edge, (dy, dx), axis=(0, 1))
+    out = np.array(image)
+    out[grown] = (255, 0, 0)
+    return out
+
+
 def region_images(image: np.ndarray, mask: np.ndarray, context_side: int = 768, crop_side: int = 384) -> list[bytes]:
     """The photo with the mask's outline in red (downscaled to context_side) and a crop around the mask with 25%
     margin (crop_side), both JPEG: what the labeller model sees."""
     h, w = mask.shape
-    pil = Image.fromarray(image)
     ys, xs = np.nonzero(mask)
     x0, x1, y0, y1 = xs.min(), xs.max() + 1, ys.min(), ys.max() + 1
-    edge = mask & ~(np.pad(mask, 1)[2:, 1:-1] & np.pad(mask, 1)[:-2, 1:-1] & np.pad(mask, 1)[1:-1, 2:] &
-                    np.pad(mask, 1)[1:-1, :-2])
-    outlined = np.array(pil)
-    grown = edge.copy()
-    for dy, dx in ((0, 1), (1, 0), (0, -1), (-1, 0)):  # 3-px line: visible after downscaling
-        grown |= np.roll(edge, (dy, dx), axis=(0, 1))
-    outlined[grown] = (255, 0, 0)
-    context = Image.fromarray(outlined)
+    outlined_photo = outlined(image, mask)
+    context = Image.fromarray(outlined_photo)
     context.thumbnail((context_side, context_side))
     mx, my = max(4, (x1 - x0) // 4), max(4, (y1 - y0) // 4)
-    crop = Image.fromarray(outlined).crop((max(0, x0 - mx), max(0, y0 - my), min(w, x1 + mx), min(h, y1 + my)))
+    crop = Image.fromarray(outlined_photo).crop((max(0, x0 - mx), max(0, y0 - my), min(w, x1 + mx), min(h, y1 + my)))
     crop.thumbnail((crop_side, crop_side))
     out = []
     for im in (context, crop):

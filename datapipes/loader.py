@@ -10,8 +10,8 @@ import math
 import os
 import sys
 from collections import Counter
-from dataclasses import dataclass
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -92,7 +92,7 @@ class Decoder:
             sample.masks = sample.masks[:kept]
         try:
             masks = np.stack([_decode(m.rle, h, w) for m in sample.masks]) if sample.masks else np.zeros((0, h, w), np.uint8)
-            example = Example(raw["__key__"], sample.task, image, masks, tokens, sample.extra, hw=(h, w))
+            example = Example(raw["__key__"], sample.task, image, masks, tokens, sample.extra, hw=(h, w), sample=sample)
             if any(m.rle is None or m.instances for m in sample.masks):  # box-only or set targets
                 _add_instances(example, sample, h, w)
         except BadSample as e:

@@ -93,7 +93,7 @@ def fit_conversation(conversation: list[dict], tokenizer, *, image_id: int, num_
     (later turns dropped, the last kept answer shortened); masks of the [SEG]s cut away are the
     caller's to drop (they are the last ones, in order). Raises TooLong when not even the first
     answer's first cut point fits (the prompt and image alone are too long)."""
-    kw = dict(image_id=image_id, num_image_tokens=num_image_tokens, max_length=max_length)
+    kw = {"image_id": image_id, "num_image_tokens": num_image_tokens, "max_length": max_length}
     try:
         return tokenize_conversation(conversation, tokenizer, **kw), conversation
     except TooLong as e:

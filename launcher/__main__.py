@@ -1,4 +1,4 @@
-"""`python -m launcher <verb>`: train, eval, demo, data, count, export, infer.
+"""`python -m launcher <verb>`: train, eval, demo, data, count, plan, export, infer.
 
 Config errors are reported as one line naming the key, before any worker starts work.
 """
@@ -19,9 +19,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--config", required=True, help="configs/train/<name>.yaml")
     p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.steps=10")
 
-    p = verbs.add_parser("eval", help="score the latest complete checkpoint of train.output_dir")
-    p.add_argument("--config", required=True)
-    p.add_argument("overrides", nargs="*")
+    p = verbs.add_parser("eval", help="score a checkpoint on its val shards or on benchmarks, or a predictions file")
+    from launcher.eval.verb import add_arguments
+
+    add_arguments(p)
 
     p = verbs.add_parser("demo", help="synthetic shards -> 2-rank ZeRO-3 CPU training -> eval -> MLflow")
     p.add_argument("--config", default="configs/train/demo.yaml")
@@ -30,6 +31,18 @@ def main(argv: list[str] | None = None) -> int:
 
     p = verbs.add_parser("count", help="parameters and forward FLOPs per part (built on the meta device)")
     p.add_argument("--config", required=True)
+    p.add_argument("overrides", nargs="*")
+
+    p = verbs.add_parser("plan", help="preflight, memory per GPU, step time and MFU for ZeRO-2/3/ZeRO++ (no GPU needed)")
+    p.add_argument("--config", required=True)
+    p.add_argument("--gpus", type=int, default=8)
+    p.add_argument("--gpus-per-node", type=int, default=8)
+    p.add_argument("--gpu", default="a100-80g", help="a100-40g | a100-80g | h100-80g | h200")
+    p.add_argument("--inter-node-gbps", type=float, default=None, help="network bandwidth of a node, Gbit/s")
+    p.add_argument("--seq-len", type=int, default=None, help="tokens per sample (default data.max_length)")
+    p.add_argument("--global-batch", type=int, default=None, help="default data.batch_size x train.grad_accum x gpus")
+    p.add_argument("--json", default=None, help="also write the plan here")
+    p.add_argument("--no-preflight", action="store_true", help="only the estimate")
     p.add_argument("overrides", nargs="*")
 
     p = verbs.add_parser("data", help="dataset tools")
@@ -80,9 +93,9 @@ def main(argv: list[str] | None = None) -> int:
 
             return train(_with_model_files(load_config(args.config, args.overrides)))
         if args.verb == "eval":
-            from launcher.evaluate import evaluate_checkpoint
+            from launcher.eval.verb import main as eval_main
 
-            return evaluate_checkpoint(_with_model_files(load_config(args.config, args.overrides)))
+            return eval_main(args, _with_model_files)
         if args.verb == "demo":
             from launcher.demo import demo
 
@@ -92,6 +105,10 @@ def main(argv: list[str] | None = None) -> int:
 
             print(count(load_config(args.config, args.overrides)))
             return 0
+        if args.verb == "plan":
+            from launcher.plan import main as plan_main
+
+            return plan_main(load_config(args.config, args.overrides), args)
         if args.verb == "export":
             from launcher.export import export
 
@@ -128,7 +145,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.verb == "data" and args.data_verb == "annotate":
             from datapipes.annotate import main as annotate_main
 
-            return annotate_main(args)
+            def segcap_labeller(model_dir, cache_path):
+                from launcher.labeller import SegcapLabeller
+
+                return SegcapLabeller(model_dir, cache_path=cache_path)
+
+            return annotate_main(args, segcap_labeller)
         if args.verb == "data" and args.data_verb == "group":
             from datapipes.convert.common import ConvertError
             from datapipes.convert.group import write_group

@@ -57,14 +57,25 @@ class TrainConfig:
     # Parameters smaller than this stay whole on every rank under ZeRO-3 (DeepSpeed's default 1e5);
     # the tiny configs set 0 so that every parameter really is partitioned.
     zero3_persistence_threshold: int = 100000
+    # ZeRO++ (stage 3 only; `launcher plan` estimates what each saves): hierarchical partitioning keeps a
+    # secondary copy of the 16-bit weights inside each group of this many GPUs (a node) so that backward
+    # gathers stay off the inter-node network (1: off); quantised weights (int8 all-gather) and gradients
+    # (int4 reduce-scatter) halve / quarter those volumes.
+    zero3_hpz_partition_size: int = 1
+    zero3_quantized_weights: bool = False
+    zero3_quantized_gradients: bool = False
     precision: str = "fp32"  # fp32 | bf16 | fp16
     deepspeed_config: str = "configs/deepspeed/zero3.json"
 
 
 @dataclass
 class EvalConfig:
+    # teacher_forced: one forward pass over the reference conversation (LISA/GLaMM validate; an empty
+    # target then shows nothing and is left out); generate: the model writes its answer (N-acc, captions)
+    mode: str = "teacher_forced"
+    max_samples: int = 512  # over all ranks; 0: no cap
     max_new_tokens: int = 40
-    max_batches: int = 0  # 0: the whole val set
+    max_batches: int = 0  # per rank; 0: the whole val set (up to max_samples)
     num_overlays: int = 8
     mask_threshold: float = 0.0  # on logits
     at_start: bool = False  # also evaluate the untrained model (logged as val_untrained/*)
@@ -100,6 +111,7 @@ CHOICES: dict[tuple[type, str], tuple[str, ...]] = {
     (ModelConfig, "dtype"): ("float32", "bfloat16", "float16"),
     (OptimConfig, "schedule"): ("cosine", "linear", "constant"),
     (TrainConfig, "precision"): ("fp32", "bf16", "fp16"),
+    (EvalConfig, "mode"): ("teacher_forced", "generate"),
     (TrainConfig, "zero_stage"): (0, 1, 2, 3),
 }
 
@@ -191,6 +203,11 @@ def _check_values(cfg: RunConfig) -> None:
         raise ConfigError(f"data.max_bad_fraction={cfg.data.max_bad_fraction} must be in [0, 1]")
     if not cfg.data.train:
         raise ConfigError("data.train lists no source")
+    zeropp = cfg.train.zero3_hpz_partition_size != 1 or cfg.train.zero3_quantized_weights or cfg.train.zero3_quantized_gradients
+    if zeropp and cfg.train.zero_stage != 3:
+        raise ConfigError(f"train.zero3_hpz_partition_size / zero3_quantized_*: ZeRO++ needs train.zero_stage=3, not {cfg.train.zero_stage}")
+    if cfg.train.zero3_hpz_partition_size < 1:
+        raise ConfigError(f"train.zero3_hpz_partition_size={cfg.train.zero3_hpz_partition_size} must be >= 1 (1: off)")
     for i, src in enumerate(cfg.model.init_from):
         if not src.path:
             raise ConfigError(f"model.init_from[{i}].path is empty")

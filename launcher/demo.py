@@ -55,7 +55,7 @@ def demo(config: str, overrides: list[str], nproc: int = 2) -> int:
 def _text_blind_baseline(cfg, run_dir: Path) -> dict[str, float]:
     """Scored in this process, logged into the demo's MLflow run."""
     from launcher.dist import identity
-    from launcher.evaluate import Evaluator
+    from launcher.eval.evaluator import Evaluator
     from launcher.tokenizer import make_tokenizer
     from launcher.tracking import Tracker
 

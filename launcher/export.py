@@ -74,6 +74,7 @@ def export(run_dir: Path, out: Path, step: int | None = None, lora_only: bool = 
     mcfg["llm"].update(path="llm", gguf_file=None, tokenizer="llm", train_mode="frozen")
     mcfg["vision"]["path"] = "vision"
     mcfg["pixel_encoder"]["path"] = "sam"
+    mcfg["init_from"] = []  # every weight is in the folder now
     marker = json.loads((ckpt / checkpoint.MARKER).read_text())
     meta = {"run": str(run_dir.resolve()), "step": marker["step"], "lora": "adapter" if lora and lora_only else "merged" if lora else "none",
             "max_length": cfg.data.max_length}
@@ -88,7 +89,15 @@ def build_like_training(cfg, tokenizer):
     from modeling import build_model
 
     m = cfg.model
-    if cfg.train.zero_stage != 3 or all((m.llm.path, m.vision.path, m.pixel_encoder.path)):
+    # Sources that give only weights this run trained are overwritten by the checkpoint: skip them
+    # (stage 2 exports without stage 1's run dir).
+    trained = {"projector", "seg_mlp"} | ({"lora", "token_rows"} if m.llm.train_mode == "lora" else set())
+    m.init_from = [src for src in m.init_from if not set(src.take) <= trained]
+    taken = {part for src in m.init_from for part in src.take}
+    random_frozen = [key for key, path, part in (("llm", m.llm.path, "llm"), ("vision", m.vision.path, "vision"),
+                                                 ("pixel_encoder", m.pixel_encoder.path, "sam_encoder"))
+                     if not path and part not in taken]
+    if cfg.train.zero_stage != 3 or not random_frozen:
         return build_model(m, tokenizer)
     import deepspeed
     from transformers.integrations import HfDeepSpeedConfig

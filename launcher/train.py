@@ -40,7 +40,7 @@ class StopRequest:
 
 def train(cfg: RunConfig) -> int:
     from datapipes.loader import build_train_loader
-    from launcher.evaluate import Evaluator
+    from launcher.eval.evaluator import Evaluator
 
     t_start = time.time()
     info = dist.identity()
@@ -52,6 +52,7 @@ def train(cfg: RunConfig) -> int:
     torch.manual_seed(cfg.train.seed + info.rank)
 
     ds_config = render_ds_config(cfg, info)
+    flops = _flop_model(cfg, info)  # before build_run: with ZeRO-3 on, transformers would build it partitioned
     tokenizer, model, engine = build_run(cfg, ds_config)
 
     # --- resume
@@ -88,16 +89,22 @@ def train(cfg: RunConfig) -> int:
 
     skip_keys = [f"{src.name}/{r}" for src in cfg.data.train for r in REASONS]  # the same on every rank
     skipped_total: dict[str, float] = {}
-    meter = _Meter(skip_keys)
+    meter = _Meter(skip_keys, flops)
     step = start_step
     engine.train()
     while step < cfg.train.steps:
         t0 = time.time()
         for _ in range(cfg.train.grad_accum):
+            t = time.time()
             batch = next(stream)
+            t_data = time.time()
             out = engine(**batch.to(info.device).model_inputs())
             engine.backward(out.loss)
+            _sync(info)
+            t_fwd_bwd = time.time()
             engine.step()
+            _sync(info)
+            meter.split(t_data - t, t_fwd_bwd - t_data, time.time() - t_fwd_bwd)
             meter.add(out, batch)
         step += 1
         meter.time += time.time() - t0
@@ -114,7 +121,7 @@ def train(cfg: RunConfig) -> int:
                         if k.startswith("data/skipped/"):
                             skipped_total[k[13:]] = skipped_total.get(k[13:], 0) + v
                     log0(info, "data skipped so far (source/reason): " + ", ".join(f"{k}={v:.0f}" for k, v in sorted(skipped_total.items())))
-            meter = _Meter(skip_keys)
+            meter = _Meter(skip_keys, flops)
         if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < cfg.train.steps:
             evaluator.run(engine.module, step=step)
             engine.train()
@@ -141,7 +148,9 @@ def train(cfg: RunConfig) -> int:
 class _Meter:
     """Sums the loss terms and counts of the micro-steps since the last log."""
 
-    def __init__(self, skip_keys: list[str]) -> None:
+    def __init__(self, skip_keys: list[str], flops=None) -> None:
+        self.flops = flops  # launcher.fake_model.FlopModel (rank 0), for TFLOP/s and MFU
+        self.seconds = [0.0, 0.0, 0.0]  # data wait, forward + backward, optimizer step
         self.sums: dict[str, float] = {}
         self.n = 0
         self.samples = 0
@@ -150,6 +159,9 @@ class _Meter:
         self.skipped: dict[str, int] = {}
         self.cut = 0
         self.time = 0.0
+
+    def split(self, data: float, fwd_bwd: float, optimizer: float) -> None:
+        self.seconds = [a + b for a, b in zip(self.seconds, (data, fwd_bwd, optimizer))]
 
     def add(self, out, batch) -> None:
         self.n += 1
@@ -175,6 +187,15 @@ class _Meter:
         out = {f"train/{k}": vec[i] / info.world_size for i, k in enumerate(keys)}
         samples, tokens, cut = vec[len(keys) : len(keys) + 3]
         skips = dict(zip(self.skip_keys, vec[len(keys) + 3 :]))
+        # This rank's split, like its step time (a rank that logs makes the others wait inside their step).
+        data_s, fwd_bwd_s, opt_s = (v / max(1, self.n) for v in self.seconds)
+        out["perf/data_wait_s"], out["perf/forward_backward_s"], out["perf/optimizer_step_s"] = data_s, fwd_bwd_s, opt_s
+        if self.flops is not None:
+            tflops = self.flops.of(samples, tokens) / max(self.time, 1e-9) / info.world_size / 1e12
+            out["perf/tflops_per_gpu"] = tflops
+            peak = _peak_tflops(info)
+            if peak:
+                out["perf/mfu"] = tflops / peak
         out["perf/samples_per_s"] = samples / max(self.time, 1e-9)
         out["perf/tokens_per_s"] = tokens / max(self.time, 1e-9)
         out["perf/step_time_s"] = self.time / max(1, self.n)
@@ -186,6 +207,34 @@ class _Meter:
         if grad_norm is not None:
             out["train/grad_norm"] = float(grad_norm)
         return out
+
+
+def _flop_model(cfg: RunConfig, info: dist.DistInfo):
+    """Rank 0's FLOPs per batch from the model's own forward on fake weights (launcher/fake_model.py, the
+    `count` and `plan` figures); a count that fails costs the MFU metric, never the run."""
+    if not info.is_main:
+        return None
+    from launcher.fake_model import flop_model
+
+    try:
+        return flop_model(cfg)
+    except Exception as e:  # noqa: BLE001  (any failure of the fake run: logged, the run goes on)
+        log0(info, f"no FLOPs count, so no MFU metric: {type(e).__name__}: {e}")
+        return None
+
+
+def _peak_tflops(info: dist.DistInfo) -> float | None:
+    if info.backend != "nccl":
+        return None  # CPU runs: TFLOP/s only
+    from launcher.plan import peak_tflops
+
+    return peak_tflops(torch.cuda.get_device_name())
+
+
+def _sync(info: dist.DistInfo) -> None:
+    """Wait for the GPU so the step's time split is real (kernels run asynchronously)."""
+    if info.backend == "nccl":
+        torch.cuda.synchronize()
 
 
 def _memory_bytes(info: dist.DistInfo) -> float:

@@ -5,4 +5,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install.sh
 bash scripts/install_slurm.sh
+bash scripts/install_java.sh  # METEOR / PTB tokenizer (launcher/eval)
 exec "${PYTHON:-python3}" -m pytest -q tests "$@"

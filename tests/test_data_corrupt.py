@@ -78,7 +78,7 @@ def test_corrupt_set_in_a_2_rank_zero3_run_is_skipped_and_counted_exactly(tmp_pa
            "-m", "launcher", "train", "--config", "configs/train/tiny.yaml", *args]
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "TRITON_INTERPRET": "1"}
     env.pop("MLFLOW_RUN_ID", None)
-    res = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    res = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300, check=False)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
 
     expected = {"bad/json": 1, "bad/mask": 1, "bad/invalid": 1, "bad/image": 1, "bad/tar": 1}

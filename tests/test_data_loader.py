@@ -173,7 +173,7 @@ def test_sources_are_mixed_by_weight(tmp_path, tok, data):
 
 # --- bad samples --------------------------------------------------------------------------------
 
-def write_with_bad_samples(folder, n_good=20):
+def write_with_bad_samples(folder, n_good=20, after=(3, 8, 13)):
     """A shard of n_good valid samples with a corrupt PNG, a broken JSON and a [SEG]/mask mismatch in between."""
     folder.mkdir(parents=True, exist_ok=True)
     good = list(generate(n_good, seed=3, prefix="good"))
@@ -192,7 +192,7 @@ def write_with_bad_samples(folder, n_good=20):
     with wds.TarWriter(str(folder / "shard-000000.tar")) as w:
         for i, (key, image, sample) in enumerate(good):
             w.write({"__key__": key, "png": image_bytes(image), "json": sample.to_json()})
-            if i in (3, 8, 13):
+            if i in after:
                 w.write(bad.pop(0))
     total = n_good + 3
     (folder / "manifest.json").write_text(json.dumps({"shards": [{"url": "shard-000000.tar", "count": total}], "total": total}))
@@ -349,3 +349,13 @@ def test_large_jpeg_is_decoded_reduced_and_still_fills_the_sam_frame(tok):
     assert a.image_sizes.tolist() == b.image_sizes.tolist() == [[32, 48]]
     assert torch.equal(a.gt_masks[0], b.gt_masks[0])  # masks follow the stored size
     assert (a.sam_pixels - b.sam_pixels).abs().mean() < 0.2  # the same picture
+
+
+def test_a_batch_whose_every_draw_is_bad_reads_spares_and_is_never_empty(tmp_path, tok, data):
+    good = write_with_bad_samples(tmp_path / "bad", n_good=3, after=(0, 1, 2))  # 3 good, 3 bad: batch_size 1 hits bad draws
+    cfg = config(str(tmp_path / "bad"), data[1], batch_size=1, max_bad_fraction=0.9, bad_fraction_min_seen=1000)
+    batches = train_batches(cfg, tok, 12, seed=2)
+    assert all(len(b) == 1 and b.keys[0] in good for b in batches)
+    skipped = sum((Counter(b.skipped) for b in batches), Counter())
+    assert sum(skipped.values()) >= 6 and set(skipped) <= {"syn/image", "syn/json", "syn/invalid"}
+    assert [b.keys for b in batches] == [b.keys for b in train_batches(cfg, tok, 12, seed=2)]  # spares are deterministic

@@ -220,3 +220,33 @@ def test_output_stems_from_user_input_stay_inside_out(tmp_path):
     (tmp_path / "bad.jsonl").write_text('{"image": "a.png"}\n')
     with pytest.raises(ValueError, match="bad.jsonl:1"):
         requests_from_jsonl(tmp_path / "bad.jsonl")
+
+
+def test_segcap_labeller_names_each_region_with_the_exported_models_answer(merged, tmp_path):
+    """`data annotate --labeller segcap` over SA-1B-format files: each mask's label is what the exported model
+    answers for the photo with that mask outlined (asked again here, independently of the pipeline)."""
+    from PIL import Image
+
+    from datapipes.labellers import clean_label, outlined
+    from launcher.__main__ import main
+    from launcher.infer import Predictor
+    from launcher.labeller import QUESTION
+    from test_annotate import SCENE, box_mask, write_sa1b
+
+    src = tmp_path / "sa1b"
+    src.mkdir()
+    write_sa1b(src, "sa_1")
+    rc = main(["data", "annotate", "--src", str(src), "--out", str(tmp_path / "out"), "--labeller", "segcap",
+               "--model", str(merged), "--val-fraction", "0", "--min-shards", "1"])
+    image = np.asarray(Image.open(src / "sa_1.jpg").convert("RGB"))
+    predictor = Predictor(merged, "cpu", "auto", max_new_tokens=12)
+    expected = []
+    for _, _, *box in SCENE:
+        result, _ = predictor(Image.fromarray(outlined(image, box_mask(*box))), QUESTION)
+        expected.append(clean_label(result["phrases"][0] if result["phrases"] else result["answer"]))
+    import sqlite3
+
+    cached = sqlite3.connect(tmp_path / "out" / "labeller_cache.sqlite").execute("SELECT label FROM labels").fetchall()
+    assert sorted(label for (label,) in cached) == sorted(expected)  # one answer per mask, the model's own
+    # a tiny model may name nothing: then the image is skipped as no_label and the run says every record was bad
+    assert rc == (0 if any(expected) else 2)
