@@ -45,6 +45,7 @@ def demo(config: str, overrides: list[str], nproc: int = 2) -> int:
     results = _collect(run_dir, baseline)
     results["train_seconds"] = round(train_s, 1)
     (run_dir / "demo_results.json").write_text(json.dumps(results, indent=2))
+    _log_table(cfg, run_dir, results)
     print(_table(results))
     uri = cfg.tracking.tracking_uri or default_tracking_uri(run_dir)
     print(f"\nOverlays: {run_dir / 'overlays'}\nCheckpoints: {run_dir / 'checkpoints'}")
@@ -72,6 +73,19 @@ def _text_blind_baseline(cfg, run_dir: Path) -> dict[str, float]:
     metrics = ev.run_baseline(step=cfg.train.steps)
     tracker.flush()
     return metrics
+
+
+def _log_table(cfg, run_dir: Path, results: dict) -> None:
+    """The results table as an MLflow table of the demo's run (one row per model)."""
+    from launcher.tracking import Tracker
+
+    tracker = Tracker(cfg.tracking, run_dir, active=(run_dir / "mlflow" / "attempt.json").exists())
+    models = results["models"]
+    cols = sorted({c for m in models.values() for c in m})
+    table = {"model": list(models), **{c: [models[m].get(c) for m in models] for c in cols}}
+    tracker.attach()
+    tracker.log_table(table, "demo_results.json")
+    tracker.flush()
 
 
 def _collect(run_dir: Path, baseline: dict[str, float]) -> dict:
