@@ -110,7 +110,7 @@ class RunConfig:
 CHOICES: dict[tuple[type, str], tuple[str, ...]] = {
     (LLMConfig, "train_mode"): ("lora", "full", "frozen"),
     (LLMConfig, "attn_implementation"): ("auto", "sdpa", "eager", "flash_attention_2"),
-    (LLMConfig, "chat_template"): ("vicuna_v1",),
+    (LLMConfig, "chat_template"): ("vicuna_v1", "llama2", "llm"),
     (MaskDecoderConfig, "kind"): ("sam", "multigranular"),
     (InitSource, "kind"): ("auto", *INIT_KINDS),
     (ModelConfig, "dtype"): ("float32", "bfloat16", "float16"),
