@@ -1,4 +1,4 @@
-"""`python -m launcher <verb>`: train, eval, demo, data, count, plan, export, infer.
+"""`python -m launcher <verb>`: train, eval, demo, data, count, plan, export, infer, runs.
 
 Config errors are reported as one line naming the key, before any worker starts work.
 """
@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--nproc", type=int, default=2, help="ranks (torchrun --nproc_per_node)")
     p.add_argument("overrides", nargs="*")
 
-    p = verbs.add_parser("count", help="parameters and forward FLOPs per part (built on the meta device)")
+    p = verbs.add_parser("count", help="parameters and forward FLOPs per part (the model's forward on fake weights)")
     p.add_argument("--config", required=True)
     p.add_argument("overrides", nargs="*")
 
@@ -88,6 +88,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="auto: bfloat16 on a GPU that supports it, else float32")
     p.add_argument("--max-new-tokens", type=int, default=64)
+
+    p = verbs.add_parser("runs", help="MLflow runs: compare two or more, upload a run dir's spooled calls")
+    runs_verbs = p.add_subparsers(dest="runs_verb", required=True)
+    q = runs_verbs.add_parser("compare", help="differing params, final and best metrics, the UI's compare URL")
+    q.add_argument("runs", nargs="+", help="run dirs or MLflow run ids")
+    q.add_argument("--tracking-uri", help="for run ids (default MLFLOW_TRACKING_URI); run dirs know theirs")
+    q = runs_verbs.add_parser("sync", help="apply what RUN_DIR/mlflow/spool.jsonl holds that the store lacks")
+    q.add_argument("run_dir")
+    q.add_argument("--tracking-uri", help="default: the URI the run used")
+    q.add_argument("--timeout", type=float, default=300.0)
 
     args = parser.parse_args(argv)
     if args.verb == "infer" and bool(args.image) != bool(args.prompt):
@@ -167,6 +177,13 @@ def main(argv: list[str] | None = None) -> int:
                 return 2
             print(f"{args.out}: {m['total']} samples in {len(m['shards'])} shards of {len(m['members'])} folders")
             return 0
+        if args.verb == "runs":
+            from launcher import runs
+
+            if args.runs_verb == "compare":
+                print(runs.compare(args.runs, args.tracking_uri))
+                return 0
+            return runs.sync_run_dir(args.run_dir, args.tracking_uri, args.timeout)
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2

@@ -89,6 +89,11 @@ class TrackingConfig:
     experiment: str = "segcap"
     run_name: Optional[str] = None
     log_overlays: bool = True
+    # The store is written by a background thread (launcher/spool.py); these bound what rank 0 waits.
+    request_timeout_s: float = 10.0  # one HTTP call to a tracking server (MLFLOW_HTTP_REQUEST_TIMEOUT wins)
+    max_backoff_s: float = 30.0  # retry interval cap while the store is down
+    start_wait_s: float = 5.0  # at start, for the run id (not at all while the store fails)
+    flush_timeout_s: float = 30.0  # at finish/flush: give up draining the spool after this long without progress (ditto)
 
 
 @dataclass
@@ -105,9 +110,10 @@ class RunConfig:
 CHOICES: dict[tuple[type, str], tuple[str, ...]] = {
     (LLMConfig, "train_mode"): ("lora", "full", "frozen"),
     (LLMConfig, "attn_implementation"): ("auto", "sdpa", "eager", "flash_attention_2"),
-    (LLMConfig, "chat_template"): ("vicuna_v1",),
+    (LLMConfig, "chat_template"): ("vicuna_v1", "llama2", "llm"),
     (MaskDecoderConfig, "kind"): ("sam", "multigranular"),
     (InitSource, "kind"): ("auto", *INIT_KINDS),
+    (DataConfig, "clip_frame"): ("squash", "pad"),
     (ModelConfig, "dtype"): ("float32", "bfloat16", "float16"),
     (OptimConfig, "schedule"): ("cosine", "linear", "constant"),
     (TrainConfig, "precision"): ("fp32", "bf16", "fp16"),
@@ -195,6 +201,8 @@ def _check_values(cfg: RunConfig) -> None:
         "data.batch_size": cfg.data.batch_size,
         "data.eval_batch_size": cfg.data.eval_batch_size,
         "data.max_length": cfg.data.max_length,
+        "tracking.request_timeout_s": cfg.tracking.request_timeout_s,
+        "tracking.max_backoff_s": cfg.tracking.max_backoff_s,
     }
     for key, value in positive.items():
         if value <= 0:

@@ -21,7 +21,7 @@ from launcher.config import RunConfig, flatten, to_dict
 from launcher.engine import build_run, render_ds_config
 from launcher.stop import install as install_signal_handlers
 from launcher.stop import received as received_signal
-from launcher.tracking import Tracker, run_tags
+from launcher.tracking import Tracker, dataset_inputs, run_params, run_tags
 
 EXIT_OK = 0
 EXIT_REQUEUE = 3  # "checkpoint saved, run me again": slurm/*.sh requeues the job on this code
@@ -63,7 +63,8 @@ def train(cfg: RunConfig) -> int:
         start_step, run_id = state["step"], state.get("mlflow_run_id")
         log0(info, f"resumed from {resume_from} at step {start_step}")
     tracker = Tracker(cfg.tracking, run_dir, active=info.is_main)
-    run_id = tracker.start(run_id or _env_run_id(), flatten(to_dict(cfg)), run_tags(info.world_size))
+    params = run_params(flatten(to_dict(cfg)), ds_config, info.world_size) if info.is_main else {}
+    run_id = tracker.start(run_id or _env_run_id(), params, run_tags(info.world_size))
     if info.is_main:
         _write_run_files(cfg, ds_config, run_dir, tracker, fresh=resume_from is None)
         _forget_steps_after(run_dir, start_step, tracker)
@@ -112,7 +113,9 @@ def train(cfg: RunConfig) -> int:
 
         if step % cfg.train.log_every == 0 or step == cfg.train.steps:
             metrics = meter.reduce(info, engine)
-            metrics["lr"] = engine.get_lr()[0]
+            lrs = engine.get_lr()
+            metrics["lr"] = lrs[0]
+            metrics.update({f"lr/group{i}": lr for i, lr in enumerate(lrs)} if len(lrs) > 1 else {})
             tracker.log_metrics(metrics, step)
             if info.is_main:
                 _append_jsonl(run_dir / "metrics.jsonl", {"step": step, **metrics})
@@ -130,9 +133,8 @@ def train(cfg: RunConfig) -> int:
         over_budget = cfg.train.time_budget_s > 0 and time.time() - t_start > cfg.train.time_budget_s
         preempt = dist.all_agree(stop.signum is not None or over_budget, info.device)
         if preempt or step % cfg.train.save_every == 0 or step == cfg.train.steps:
-            tracker.flush()  # the steps a checkpoint covers are in MLflow before it is marked complete
             checkpoint.save(
-                engine, ckpt_dir, step, {"step": step, "mlflow_run_id": run_id}, info, cfg.train.keep_checkpoints
+                engine, ckpt_dir, step, {"step": step, "mlflow_run_id": tracker.run_id}, info, cfg.train.keep_checkpoints
             )
         if preempt and step < cfg.train.steps:
             why = (f"signal {stop.signum}" if stop.signum is not None
@@ -291,11 +293,10 @@ def _forget_steps_after(run_dir: Path, start_step: int, tracker: Tracker) -> Non
 def _write_run_files(cfg: RunConfig, ds_config: dict, run_dir: Path, tracker: Tracker, fresh: bool) -> None:
     (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
     (run_dir / "deepspeed.json").write_text(json.dumps(ds_config, indent=2))
-    if tracker.run_id:
-        (run_dir / "mlflow_run_id").write_text(tracker.run_id)
-    if fresh:
+    if fresh:  # (run_dir/mlflow_run_id is written once the store has the run: launcher/spool.py)
         tracker.log_artifact(run_dir / "config.yaml", "config")
         tracker.log_artifact(run_dir / "deepspeed.json", "config")
+        tracker.log_inputs(dataset_inputs(cfg.data.train, "train") + dataset_inputs(cfg.data.val, "eval"))
 
 
 def _env_run_id() -> str | None:

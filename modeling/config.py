@@ -26,7 +26,7 @@ class LLMConfig:
     # "synthetic": the word-level tokenizer of the synthetic dataset; "llm": load from `path`;
     # anything else: a local tokenizer folder.
     tokenizer: str = "synthetic"
-    chat_template: str = "vicuna_v1"
+    chat_template: str = "vicuna_v1"  # vicuna_v1 | llama2 | llm (the tokenizer's own): datapipes/templates.py
     # The checkpoint's vocabulary (before the special tokens), for building it without weights
     # (`launcher count`); 0: the tokenizer's. Random-init models always take the tokenizer's.
     vocab_size: int = 0

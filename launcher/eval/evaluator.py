@@ -75,7 +75,8 @@ class Evaluator:
             self.tracker.log_artifact(out, "eval")
             if self.cfg.tracking.log_overlays and overlays:
                 name = f"{prefix}_step{step:08d}"
-                save_overlays(overlays, self.run_dir / "overlays" / name, self.tracker, f"overlays/{name}")
+                key = "val" if prefix == "val_untrained" else prefix  # the untrained eval is step 0 of the same slider
+                save_overlays(overlays, self.run_dir / "overlays" / name, self.tracker, key, step)
             summary = " ".join(f"{k.split('/', 1)[1]}={v:.3f}" for k, v in metrics.items() if k.endswith(("IoU", "acc", "AP50")))
             print(f"[segcap] eval {prefix} step {step} ({mode}): {summary}", flush=True)
         return metrics

@@ -29,12 +29,14 @@ def draw_overlay(ov: Overlay, scale: int = 4) -> Image.Image:
     return canvas
 
 
-def save_overlays(overlays: list[Overlay], folder: Path, tracker, artifact_path: str) -> None:
+def save_overlays(overlays: list[Overlay], folder: Path, tracker, key_prefix: str, step: int) -> None:
+    """PNGs in `folder`, each logged as an MLflow image `<key_prefix>/<j>_<task>` at `step`: one key per
+    val sample across evals, so the UI's step slider shows it improving."""
     folder.mkdir(parents=True, exist_ok=True)
     for j, ov in enumerate(overlays):
         path = folder / f"{j:02d}_{ov.task}.png"
         draw_overlay(ov).save(path)
-        tracker.log_artifact(path, artifact_path)
+        tracker.log_image(path, key=f"{key_prefix}/{j:02d}_{ov.task}", step=step)
 
 
 def _wrap(text: str, width: int, max_lines: int = 6) -> str:

@@ -142,6 +142,9 @@ def _run_benches(model, tokenizer, data_cfg, eval_cfg, benches, args, info, sync
                     raise RuntimeError(f"{bench.name} {split}: {len(keys) - len(set(keys))} sample(s) scored twice")
                 metrics = {**B.score(bench, pairs, mode), "mode": mode, "samples_per_rank": per_rank,
                            "expected": _manifest_total(folder), "seconds": seconds, "samples_per_s": len(pairs) / max(seconds, 1e-9)}
+                if len(pairs) < metrics["expected"] and not settings.max_batches:
+                    print(f"[segcap] eval {bench.name} {split}: {metrics['expected'] - len(pairs)} of {metrics['expected']} "
+                          f"samples were not scored (skipped by the loader as bad or too long for data.max_length)", flush=True)
                 if args.save_predictions:
                     write_predictions(Path(args.save_predictions) / f"{bench.name}_{split}.jsonl", [p for p, _ in pairs])
             report.setdefault(bench.name, {})[split] = broadcast(metrics, info)
@@ -152,7 +155,7 @@ def _run_benches(model, tokenizer, data_cfg, eval_cfg, benches, args, info, sync
         _finish(report, args.report)
     digest = hashlib.sha1(json.dumps(report, sort_keys=True).encode()).hexdigest()
     print(f"[segcap] eval rank {info.rank}: report sha1 {digest}", flush=True)  # equal on every rank
-    tracker.flush()
+    tracker.finish()  # FINISHED if this verb started the run; an attached run is only flushed
     dist.barrier()
 
 
@@ -168,8 +171,8 @@ def _tracker(cfg: RunConfig, run_dir: Path, info, tags: dict):
 
     tracker = Tracker(cfg.tracking, run_dir, active=info.is_main)
     run_id_file = run_dir / "mlflow_run_id"
-    if tracker.active and run_id_file.exists():
-        tracker.attach(run_id_file.read_text().strip())
+    if tracker.active and (run_id_file.exists() or tracker.has_run):  # the run dir's own run
+        tracker.attach(run_id_file.read_text().strip() if run_id_file.exists() else None)
     else:
         tracker.start(None, {}, tags)
     return tracker
@@ -179,10 +182,9 @@ def _log_bench(tracker, name: str, splits: dict, step: int) -> None:
     """One metric per number (bench/<name>_<split>/<metric>) and one MLflow table for the benchmark."""
     numeric = {s: {k: v for k, v in m.items() if isinstance(v, (int, float))} for s, m in splits.items()}
     tracker.log_metrics({f"bench/{name}_{s}/{k}": v for s, m in numeric.items() for k, v in m.items()}, step)
-    if tracker.active:
-        cols = sorted({k for m in numeric.values() for k in m})
-        table = {"split": list(numeric), **{c: [numeric[s].get(c) for s in numeric] for c in cols}}
-        tracker.client.log_table(tracker.run_id, data=table, artifact_file=f"eval/{name}.json")
+    cols = sorted({k for m in numeric.values() for k in m})
+    table = {"split": list(numeric), **{c: [numeric[s].get(c) for s in numeric] for c in cols}}
+    tracker.log_table(table, f"eval/{name}.json")
 
 
 def _finish(report: dict, path: str | None) -> None:
@@ -209,12 +211,12 @@ def evaluate_checkpoint(cfg: RunConfig) -> int:
     tokenizer, model, engine = build_run(cfg, render_ds_config(cfg, info))
     state = checkpoint.load(engine, ckpt, info)
     tracker = Tracker(cfg.tracking, run_dir, active=info.is_main)
-    if state.get("mlflow_run_id") and tracker.active:
-        tracker.attach(state["mlflow_run_id"])
+    if tracker.active and (state.get("mlflow_run_id") or tracker.has_run):  # the run dir's own run
+        tracker.attach(state.get("mlflow_run_id"))
     else:
         tracker.start(None, {}, {**run_tags(info.world_size), "kind": "eval", "checkpoint": str(ckpt)})
     evaluator = Evaluator(cfg, tokenizer, info, run_dir, tracker, num_image_tokens=model.num_image_tokens)
     evaluator.run(engine.module, step=state["step"], prefix="eval")
-    tracker.flush()
+    tracker.finish()  # FINISHED if this verb started the run; an attached run is only flushed
     dist.barrier()
     return 0
