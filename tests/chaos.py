@@ -224,6 +224,9 @@ class Campaign:
         codes, _, hang = run_ranks(args, run_dir, t.spec)
         t.submits, t.hangs, t.landed = 1, hang, self._landed(run_dir)
         t.checks["every rank exits 3 (or 0 after the last step)"] = codes in ([3, 3], [0, 0])
+        if codes == [0, 0]:  # no requeue: only right if the signal came during the last step or later
+            fired = [r for r in phase_log(run_dir) if "fired" in r]
+            t.checks["a signal before the last step requeues"] = not fired or fired[0]["counts"]["step"] >= STEPS - 1
         if codes == [3, 3]:
             stopped = max(r["step"] for r in rows(run_dir))
             from launcher.checkpoint import latest_complete

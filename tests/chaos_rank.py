@@ -32,7 +32,7 @@ def _log(row: dict) -> None:
 
 
 def _fire() -> None:
-    _log({"fired": SPEC["sig"], "phase": phase, "spec": SPEC})
+    _log({"fired": SPEC["sig"], "phase": phase, "counts": dict(counts), "spec": SPEC})
     os.kill(os.getpid(), SPEC["sig"])
 
 

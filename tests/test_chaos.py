@@ -27,4 +27,5 @@ def test_fault_is_survived_with_equal_losses(campaign, fault):
     print(markdown(summarize(trials)))
     for t in trials:
         assert t.ok, json.dumps(asdict(t), indent=1)
-        assert t.submits >= 2 or t.landed == "after the run", t  # the fault stopped the first submission
+        if fault != "signal":  # (a signal during the last step lets the run finish: checked in the trial)
+            assert t.submits >= 2 or t.landed == "after the run", t  # the fault stopped the first submission
