@@ -165,8 +165,7 @@ class Applier(threading.Thread):
 
     def _reject(self, lines: list[dict], e: Exception) -> None:
         with open(self.journal.dir / "rejected.jsonl", "a") as f:
-            for op in lines:
-                f.write(json.dumps({**op, "error": f"{type(e).__name__}: {e}"[:2000]}) + "\n")
+            f.writelines(json.dumps({**op, "error": f"{type(e).__name__}: {e}"[:2000]}) + "\n" for op in lines)
         print(f"[segcap] warning: MLflow rejected {lines[0]['op']} ({type(e).__name__}: {str(e)[:300]}); "
               f"set aside in {self.journal.dir / 'rejected.jsonl'}", file=sys.stderr, flush=True)
 
