@@ -234,11 +234,17 @@ def latest_complete_step(run_dir: Path) -> Path:
 
 
 def _open_segcap(run_dir: Path) -> tuple[dict[str, tuple[int, ...]], Callable[[str], torch.Tensor]]:
-    """The fp32 trainable weights of the latest complete checkpoint, consolidated from its ZeRO shards
-    by DeepSpeed's own zero_to_fp32 (frozen weights are not in it: they come from their own sources)."""
+    """The fp32 trainable weights of the latest complete checkpoint (frozen weights are not in it: they
+    come from their own sources): the consolidated trainable/model.safetensors that launcher/checkpoint.py
+    writes beside the shards, else the ZeRO shards through DeepSpeed's own zero_to_fp32."""
+    step = latest_complete_step(run_dir)
+    consolidated = step / "trainable" / "model.safetensors"
+    if consolidated.is_file():
+        raw, read_raw = _open_files([consolidated])
+        names = {normalise(k): k for k in raw}
+        return {n: raw[k] for n, k in names.items()}, lambda n: read_raw(names[n])
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    step = latest_complete_step(run_dir)
     state = get_fp32_state_dict_from_zero_checkpoint(str(step.parent), tag=step.name, exclude_frozen_parameters=True)
     state = {normalise(k): v for k, v in state.items()}
     return {k: tuple(v.shape) for k, v in state.items()}, state.__getitem__
