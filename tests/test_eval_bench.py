@@ -58,8 +58,10 @@ def _score(tmp_path, bench, folder, preds, mode="teacher_forced"):
 def test_perfect_predictions_score_one_on_each_benchmark(tmp_path, benches):
     ref = _score(tmp_path, "refcoco", benches["refcoco"], _perfect(benches["refcoco"]))
     assert ref["cIoU"] == pytest.approx(1.0) and ref["gIoU"] == pytest.approx(1.0, rel=1e-4) and ref["n"] == 6
-    gref = _score(tmp_path, "grefcoco", benches["grefcoco"], _perfect(benches["grefcoco"]))
-    assert (gref["cIoU"], gref["N-acc"], gref["T-acc"]) == (pytest.approx(1.0), 1.0, 1.0)
+    gref = _score(tmp_path, "grefcoco", benches["grefcoco"], _perfect(benches["grefcoco"]), mode="generate")
+    assert (gref["cIoU"], gref["N-acc"], gref["T-acc"], gref["n"]) == (pytest.approx(1.0), 1.0, 1.0, 9)
+    forced = _score(tmp_path, "grefcoco", benches["grefcoco"], _perfect(benches["grefcoco"]))
+    assert forced["n"] == 6 and "N-acc" not in forced  # teacher-forced: the 3 no-target samples show nothing
     gcg = _score(tmp_path, "gcg", benches["gcg"], _perfect(benches["gcg"]))
     assert gcg["AP50"] == pytest.approx(1.0) and gcg["mIoU"] == 1.0 and gcg["MR(text-sim=tfidf)"] == 1.0
 
@@ -86,7 +88,7 @@ def test_a_known_perturbation_gives_the_hand_computed_scores(tmp_path, benches):
     blob[:3, :4] = 1  # 12 pixels predicted for a sample with no target
     empty.masks = [encode_mask(blob)]
     gt_area = sum(int(decode_mask(r).sum()) for t in read_targets(benches["grefcoco"]) for r in t.masks)
-    got = _score(tmp_path, "grefcoco", benches["grefcoco"], preds)
+    got = _score(tmp_path, "grefcoco", benches["grefcoco"], preds, mode="generate")
     assert got["N-acc"] == pytest.approx(2 / 3) and got["T-acc"] == 1.0  # 3 no-target samples, one answered
     assert got["cIoU"] == pytest.approx(gt_area / (gt_area + 12))
     assert got["gIoU"] == pytest.approx(8 / 9, rel=1e-4)

@@ -76,6 +76,10 @@ def score(bench: Benchmark, pairs: list, mode: str) -> dict[str, float]:
 
     if bench.family == "referring":
         out = S.score_referring(pairs)
+    elif bench.family == "generalized" and mode == "teacher_forced":
+        # a fed reference shows no rejection: no-target samples would score 1 for free
+        out = S.score_generalized([(p, t) for p, t in pairs if t.masks])
+        out = {k: v for k, v in out.items() if k not in ("N-acc", "T-acc")}
     elif bench.family == "generalized":
         out = S.score_generalized(pairs)
     elif bench.family == "grounded_captions":

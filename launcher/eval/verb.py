@@ -142,6 +142,9 @@ def _run_benches(model, tokenizer, data_cfg, eval_cfg, benches, args, info, sync
                     raise RuntimeError(f"{bench.name} {split}: {len(keys) - len(set(keys))} sample(s) scored twice")
                 metrics = {**B.score(bench, pairs, mode), "mode": mode, "samples_per_rank": per_rank,
                            "expected": _manifest_total(folder), "seconds": seconds, "samples_per_s": len(pairs) / max(seconds, 1e-9)}
+                if len(pairs) < metrics["expected"] and not settings.max_batches:
+                    print(f"[segcap] eval {bench.name} {split}: {metrics['expected'] - len(pairs)} of {metrics['expected']} "
+                          f"samples were not scored (skipped by the loader as bad or too long for data.max_length)", flush=True)
                 if args.save_predictions:
                     write_predictions(Path(args.save_predictions) / f"{bench.name}_{split}.jsonl", [p for p, _ in pairs])
             report.setdefault(bench.name, {})[split] = broadcast(metrics, info)
