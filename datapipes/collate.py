@@ -107,8 +107,14 @@ class Batch:
         return len(self.keys)
 
 
-def clip_frame(image: Image.Image, size: int) -> torch.Tensor:
-    """(3, size, size) uint8: the image squashed to size x size (bicubic)."""
+def clip_frame(image: Image.Image, size: int, pad: bool = False) -> torch.Tensor:
+    """(3, size, size) uint8: the image squashed to size x size (bicubic); pad=True pads it to a square
+    with the CLIP mean colour first, centred (LLaVA-1.5's image_aspect_ratio "pad"): nothing stretched."""
+    if pad and image.width != image.height:
+        side = max(image.size)
+        square = Image.new("RGB", (side, side), tuple(int(m * 255) for m in CLIP_MEAN))
+        square.paste(image, ((side - image.width) // 2, (side - image.height) // 2))
+        image = square
     return torch.from_numpy(np.array(image.resize((size, size), Image.BICUBIC))).permute(2, 0, 1)
 
 
@@ -182,7 +188,7 @@ def mask_boxes(masks: torch.Tensor) -> torch.Tensor:
 
 
 def collate(examples: list[Example], *, pad_id: int, clip_size: int, sam_size: int, skipped: dict[str, int] | None = None,
-            cut: int = 0, normalize: bool = True) -> Batch:
+            cut: int = 0, normalize: bool = True, clip_pad: bool = False) -> Batch:
     """`normalize=False` leaves the pixels uint8 for Batch.model_inputs() to normalise (on the GPU)."""
     n, t = len(examples), max(len(e.tokens.input_ids) for e in examples)
     input_ids = torch.full((n, t), pad_id, dtype=torch.long)
@@ -195,7 +201,7 @@ def collate(examples: list[Example], *, pad_id: int, clip_size: int, sam_size: i
         input_ids[i, :k] = torch.tensor(e.tokens.input_ids)
         attention[i, :k] = 1
         labels[i, :k] = torch.tensor(e.tokens.labels)
-        clips.append(clip_frame(e.image, clip_size))
+        clips.append(clip_frame(e.image, clip_size, clip_pad))
         pix, hw = sam_frame(e.image, sam_size, e.hw)
         sams.append(pix)
         gts.append(sam_masks(e.masks, hw, sam_size))

@@ -52,6 +52,10 @@ class DataConfig:
     # Train batches carry uint8 CLIP/SAM frames, normalised to float where Batch.model_inputs() runs
     # (on the GPU after batch.to(device)): 4x less to copy and no float work in the loader workers.
     normalize_on_device: bool = False
+    # How an image becomes the square CLIP frame: "squash" (resized to the square), or "pad" (first padded
+    # to a square with the CLIP mean colour, centred: LLaVA-1.5's preprocessing, which a projector taken
+    # from LLaVA expects; configs/train/stage2_from_llava.yaml).
+    clip_frame: str = "squash"
     max_bad_fraction: float = 0.01  # the run stops with an error above this rate of skipped samples
     bad_fraction_min_seen: int = 50  # ...checked once a worker has seen this many samples
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)

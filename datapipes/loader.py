@@ -240,7 +240,8 @@ class TrainStream(torch.utils.data.IterableDataset):
                                     f"{bs} draws and {attempt} spares")
             cut, decode.cut = decode.cut, 0
             yield collate(batch, pad_id=self.pad_id, clip_size=self.clip_size, sam_size=self.sam_size,
-                          skipped=counter.take(), cut=cut, normalize=not self.cfg.normalize_on_device)
+                          skipped=counter.take(), cut=cut, normalize=not self.cfg.normalize_on_device,
+                          clip_pad=self.cfg.clip_frame == "pad")
             local += 1
 
     @staticmethod
@@ -320,7 +321,7 @@ class EvalPass(torch.utils.data.IterableDataset):
         def make(batch: list[Example]) -> Batch:
             cut, decode.cut = decode.cut, 0
             return collate(batch, pad_id=self.pad_id, clip_size=self.clip_size, sam_size=self.sam_size,
-                           skipped=counter.take(), cut=cut)
+                           skipped=counter.take(), cut=cut, clip_pad=self.cfg.clip_frame == "pad")
 
         batch: list[Example] = []
         for ex in self._examples(self.slices[self.rank * self.num_workers + worker], decode, filler, counter):

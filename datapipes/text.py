@@ -35,8 +35,11 @@ def image_token_id(tokenizer) -> int:
 
 
 def tokenize_conversation(conversation: list[dict], tokenizer, *, image_id: int, num_image_tokens: int, max_length: int) -> Tokens:
-    enc = tokenizer.apply_chat_template(conversation, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
-    ids, keep = list(enc["input_ids"]), list(enc["assistant_masks"])
+    if "{% generation %}" in (tokenizer.chat_template or ""):
+        enc = tokenizer.apply_chat_template(conversation, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
+        ids, keep = list(enc["input_ids"]), list(enc["assistant_masks"])
+    else:
+        ids, keep = _assistant_mask_by_prefixes(conversation, tokenizer)
     if ids.count(image_id) != 1:
         raise BadSample("invalid", f"expected one {IMAGE_TOKEN} token after templating, found {ids.count(image_id)}")
     if not any(keep):
@@ -114,3 +117,24 @@ def fit_conversation(conversation: list[dict], tokenizer, *, image_id: int, num_
     if best is None:
         raise TooLong(f"{full_error}; no cut of the answer fits (the prompt and image tokens alone are too long)")
     return best
+
+
+def _assistant_mask_by_prefixes(conversation: list[dict], tokenizer) -> tuple[list[int], list[bool]]:
+    """For an LLM's own chat template, which does not mark the assistant's turns: turn i's text is what
+    rendering turns [:i+1] adds to rendering turns [:i] with the generation prompt; tokens starting in
+    such a span are kept (a fast tokenizer's offsets)."""
+    def render(turns: list[dict], prompt: bool) -> str:
+        return tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=prompt)
+
+    text = render(conversation, False)
+    spans = []
+    for i, turn in enumerate(conversation):
+        if turn["role"] != "assistant":
+            continue
+        before, upto = render(conversation[:i], True), render(conversation[: i + 1], False)
+        if not (upto.startswith(before) and text.startswith(upto)):
+            raise BadSample("invalid", "the chat template does not render a conversation as a growing prefix; mark its assistant turns with {% generation %}")
+        spans.append((len(before), len(upto)))
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    keep = [any(a <= start < b for a, b in spans) for start, _ in enc["offset_mapping"]]
+    return list(enc["input_ids"]), keep

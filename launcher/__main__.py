@@ -29,7 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--nproc", type=int, default=2, help="ranks (torchrun --nproc_per_node)")
     p.add_argument("overrides", nargs="*")
 
-    p = verbs.add_parser("count", help="parameters and forward FLOPs per part (built on the meta device)")
+    p = verbs.add_parser("count", help="parameters and forward FLOPs per part (the model's forward on fake weights)")
     p.add_argument("--config", required=True)
     p.add_argument("overrides", nargs="*")
 

@@ -229,6 +229,9 @@ def load_trainable(engine, path: Path, load_optimizer: bool = True) -> dict:
     base = _base_optimizer(engine)
     if load_optimizer:
         _init_adam_state(base, _stepped(engine), state["optimizer_step"])
+        link = getattr(engine.optimizer, "_lazy_init_hp_params_optimizer_state", None)
+        if link is not None:  # ZeRO-1/2 and bf16 map each parameter onto that state only after a step
+            link()
     for name, p in named:
         value = weights[name]
         shape = _shape(p)
@@ -277,6 +280,9 @@ def load(engine, path: Path, info: DistInfo, load_optimizer: bool = True) -> dic
     consolidated trainable state; ranks that did not exist then keep their fresh RNG."""
     marker = json.loads((path / MARKER).read_text())
     if marker["world_size"] != info.world_size:
+        if info.is_main:
+            print(f"[segcap] {path} was written by {marker['world_size']} ranks, this run has {info.world_size}: "
+                  f"loading its consolidated trainable state", flush=True)
         client_state = load_trainable(engine, path, load_optimizer)
     else:
         _, client_state = engine.load_checkpoint(

@@ -110,9 +110,10 @@ class RunConfig:
 CHOICES: dict[tuple[type, str], tuple[str, ...]] = {
     (LLMConfig, "train_mode"): ("lora", "full", "frozen"),
     (LLMConfig, "attn_implementation"): ("auto", "sdpa", "eager", "flash_attention_2"),
-    (LLMConfig, "chat_template"): ("vicuna_v1",),
+    (LLMConfig, "chat_template"): ("vicuna_v1", "llama2", "llm"),
     (MaskDecoderConfig, "kind"): ("sam", "multigranular"),
     (InitSource, "kind"): ("auto", *INIT_KINDS),
+    (DataConfig, "clip_frame"): ("squash", "pad"),
     (ModelConfig, "dtype"): ("float32", "bfloat16", "float16"),
     (OptimConfig, "schedule"): ("cosine", "linear", "constant"),
     (TrainConfig, "precision"): ("fp32", "bf16", "fp16"),

@@ -59,7 +59,6 @@ def _text_blind_baseline(cfg, run_dir: Path) -> dict[str, float]:
     from launcher.eval.evaluator import Evaluator
     from launcher.tokenizer import make_tokenizer
     from launcher.tracking import Tracker
-    from modeling.llm import SPECIAL_TOKENS
 
     tracker = Tracker(cfg.tracking, run_dir, active=True)
     run_id_file = run_dir / "mlflow_run_id"
@@ -69,9 +68,7 @@ def _text_blind_baseline(cfg, run_dir: Path) -> dict[str, float]:
         tracker.active = False
     info = identity({})
     num_image_tokens = (cfg.model.vision.image_size // cfg.model.vision.patch_size) ** 2
-    tokenizer = make_tokenizer(cfg.model.llm)
-    # The loader needs the model's special tokens; no model is built here, so add them as build_model does.
-    tokenizer.add_special_tokens({"additional_special_tokens": list(SPECIAL_TOKENS)})
+    tokenizer = make_tokenizer(cfg.model.llm)  # with the special tokens the loader needs
     ev = Evaluator(cfg, tokenizer, info, run_dir, tracker, num_image_tokens=num_image_tokens)
     metrics = ev.run_baseline(step=cfg.train.steps)
     tracker.flush()

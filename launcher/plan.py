@@ -50,7 +50,8 @@ COMPUTE_EFFICIENCY = 0.5
 LINK_EFFICIENCY = 0.7
 RESERVED_GIB = 2.0  # CUDA context, NCCL buffers
 FRAGMENTATION = 0.10  # of the rest
-MICRO_BATCHES = (1, 2, 4, 8, 16, 32)
+MAX_MICRO_BATCH = 32
+TIE = 0.02  # options this close to the fastest count as equally fast
 STAGES = ("zero2", "zero3", "zero3++")  # zero3++: hierarchical partitioning + int8 weights + int4 gradients
 
 
@@ -160,6 +161,22 @@ class Option:
     mfu: float
 
 
+def micro_batches(per_gpu: int) -> list[int]:
+    """Micro-batches that split a GPU's samples per step exactly (so every option trains the same global batch)."""
+    return [b for b in range(1, min(per_gpu, MAX_MICRO_BATCH) + 1) if per_gpu % b == 0]
+
+
+def pick(options: list[Option]) -> Option | None:
+    """The fastest; among options within TIE of it (the estimate is not finer than that), the one that
+    moves the fewest bytes (overlap with compute is assumed, and hides less in practice), then the one
+    with the most memory to spare."""
+    if not options:
+        return None
+    fastest = max(o.samples_per_s for o in options)
+    close = [o for o in options if o.samples_per_s >= (1 - TIE) * fastest]
+    return min(close, key=lambda o: (round(o.comm_gb_per_micro_step * o.accumulation, 3), o.memory_gib["total"]))
+
+
 @dataclass
 class Plan:
     config: str
@@ -168,7 +185,7 @@ class Plan:
     global_batch: int
     params: dict
     flops_per_sample: dict
-    activation_gib: dict  # micro-batch -> GiB
+    activation_gib: dict  # micro-batch -> GiB (from the two measured runs)
     options: list[Option] = field(default_factory=list)
     recommendation: Option | None = None
     preflight: list[dict] = field(default_factory=list)
@@ -176,33 +193,50 @@ class Plan:
     assumptions: dict = field(default_factory=dict)
 
 
-def estimate(cfg: RunConfig, cluster: Cluster, seq_len: int | None = None, global_batch: int | None = None) -> Plan:
-    """Memory and speed of every (stage, micro-batch) on `cluster`, and the fastest that fits."""
+@dataclass
+class Measured:
+    """What the fake runs found, independent of the cluster: reused across clusters."""
+
+    seq_len: int
+    params: ParamCounts
+    one: object  # fake_model.StepProfile of micro-batch 1
+    two: object  # ... of micro-batch 2
+
+
+def measure(cfg: RunConfig, seq_len: int | None = None) -> Measured:
+    """Parameters, and two real-size fake forward + backward runs (micro-batch 1 and 2): activations and
+    FLOPs are linear in the micro-batch, so the two give both coefficients."""
     from launcher.fake_model import build_fake, profile_step
 
     mode = FakeTensorMode(allow_non_fake_inputs=True)
     model = build_fake(cfg, mode)
     seq = seq_len or max(cfg.data.max_length, model.num_image_tokens + 16)
     pc = param_counts(model, 4 if cfg.train.precision == "fp32" else 2)
-    # Activations and FLOPs are linear in the micro-batch: two real-size runs give both coefficients.
-    p1, p2 = (profile_step(model, mode, b, seq) for b in (1, 2))
-    act = {b: (p1.activation_bytes + (p2.activation_bytes - p1.activation_bytes) * (b - 1)) / GIB for b in MICRO_BATCHES}
+    return Measured(seq, pc, profile_step(model, mode, 1, seq), profile_step(model, mode, 2, seq))
+
+
+def estimate(cfg: RunConfig, cluster: Cluster, seq_len: int | None = None, global_batch: int | None = None,
+             measured: Measured | None = None) -> Plan:
+    """Memory and speed of every (stage, micro-batch) on `cluster`, and the fastest that fits."""
+    m = measured or measure(cfg, seq_len)
+    seq, pc, p1, p2 = m.seq_len, m.params, m.one, m.two
+    act = {b: (p1.activation_bytes + (p2.activation_bytes - p1.activation_bytes) * (b - 1)) / GIB for b in range(1, MAX_MICRO_BATCH + 1)}
     hw_flops = p2.train_flops - p1.train_flops  # per sample, as run (checkpointed layers recompute forward)
     recompute = p2.flops_by_module.get("SegCapModel.llm", 0) - p1.flops_by_module.get("SegCapModel.llm", 0)
     model_flops = hw_flops - (recompute if cfg.model.llm.gradient_checkpointing else 0)
     g = cluster.gpu
-    per_gpu_batch = cfg.data.batch_size * cfg.train.grad_accum
-    target = global_batch or per_gpu_batch * cluster.gpus
+    target = global_batch or cfg.data.batch_size * cfg.train.grad_accum * cluster.gpus
+    if target % cluster.gpus:
+        raise ValueError(f"global batch {target} does not split evenly over {cluster.gpus} GPUs")
+    per_gpu = target // cluster.gpus
     usable = (g.memory_gib - RESERVED_GIB) * (1 - FRAGMENTATION)
 
     options = []
     for stage in STAGES:
         states = model_states(pc, stage, cluster.gpus, cluster.gpus_per_node)
         comm = comm_bytes(pc, stage)
-        for mb in MICRO_BATCHES:
-            if mb > 1 and mb * cluster.gpus > target:
-                continue  # more samples per micro-step than the global batch holds
-            accum = max(1, round(target / (mb * cluster.gpus)))
+        for mb in micro_batches(per_gpu):
+            accum = per_gpu // mb
             memory = {k: v / GIB for k, v in states.items()}
             memory["activations"] = act[mb]
             memory["total"] = sum(memory.values())
@@ -217,8 +251,7 @@ def estimate(cfg: RunConfig, cluster: Cluster, seq_len: int | None = None, globa
                 stage, mb, accum, memory, memory["total"] <= usable, sum(per_micro.values()) / 1e9, compute, comm_s, step,
                 samples, samples * seq, samples * model_flops / (cluster.gpus * g.bf16_tflops * 1e12),
             ))
-    fitting = [o for o in options if o.fits]
-    best = max(fitting, key=lambda o: (round(o.samples_per_s, 6), -o.memory_gib["total"])) if fitting else None
+    best = pick([o for o in options if o.fits])
     return Plan(
         config=cfg.model.name,
         cluster={"gpu": g.name, "gpus": cluster.gpus, "gpus_per_node": cluster.gpus_per_node, "nodes": cluster.nodes,
@@ -248,8 +281,7 @@ def render(plan: Plan) -> str:
     ]
     for stage in STAGES:
         mine = [o for o in plan.options if o.stage == stage]
-        fitting = [o for o in mine if o.fits]
-        o = max(fitting, key=lambda x: x.samples_per_s) if fitting else mine[0]
+        o = pick([o for o in mine if o.fits]) or mine[0]
         m = o.memory_gib
         lines.append(
             f"{stage:<9}{o.micro_batch:>4}{o.accumulation:>6}{m['frozen_weights']:>10.1f}{m['trainable_weights']:>9.2f}"

@@ -45,9 +45,8 @@ def projector_tensors(clip_hidden: int, llm_hidden: int, seed: int) -> dict[str,
 def write_llava_original(folder: Path, llm: LlamaForCausalLM, clip_hidden: int, seed: int = 1, safetensors: bool = False) -> dict:
     """liuhaotian/llava-v1.5-* as released: config.json of model_type llava with the mm_* keys, the
     Llama weights and model.mm_projector.{0,2} in the same shards, a shard index. Returns the tensors."""
-    llm.save_pretrained(folder)  # config.json (+ generation config), then the weights are rewritten
-    for f in folder.glob("model*.safetensors*"):
-        f.unlink()
+    # config.json written here: save_pretrained refuses a model read from GGUF (dequantised on load)
+    config = {k: v for k, v in llm.config.to_dict().items() if k != "quantization_config"}
     state = {k: v.detach().clone().contiguous() for k, v in llm.state_dict().items()}
     if llm.config.tie_word_embeddings:
         state.pop("lm_head.weight", None)
@@ -69,7 +68,6 @@ def write_llava_original(folder: Path, llm: LlamaForCausalLM, clip_hidden: int, 
         shards.update({k: name for k in part})
     index = "model.safetensors.index.json" if safetensors else "pytorch_model.bin.index.json"
     (folder / index).write_text(json.dumps({"metadata": {}, "weight_map": shards}))
-    config = json.loads((folder / "config.json").read_text())
     config.update(model_type="llava", architectures=["LlavaLlamaForCausalLM"], mm_hidden_size=clip_hidden,
                   mm_projector_type="mlp2x_gelu", mm_vision_select_layer=-2, mm_vision_tower="openai/clip-vit-large-patch14-336",
                   image_aspect_ratio="pad", mm_use_im_start_end=False)

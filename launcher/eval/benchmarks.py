@@ -33,8 +33,8 @@ BENCHMARKS = {
         Benchmark("refcocog", ("val", "test"), "referring", ("cIoU",)),
         Benchmark("grefcoco", ("val", "testA", "testB"), "generalized", ("cIoU", "gIoU", "N-acc", "T-acc")),
         Benchmark("reasonseg", ("val", "test"), "referring", ("gIoU", "cIoU", "short/gIoU", "short/cIoU", "long/gIoU", "long/cIoU")),
-        Benchmark("gcg", ("val", "test"), "grounded_captions", ("METEOR", "CIDEr", "AP50", "mIoU", "MR(text-sim=tfidf)")),
-        Benchmark("mgsc", ("all", "root", "subtree"), "grounded_captions", ("METEOR", "CIDEr", "AP50", "mIoU", "MR(text-sim=tfidf)")),
+        Benchmark("gcg", ("val", "test"), "grounded_captions", ("METEOR", "CIDEr", "AP50", "mIoU", "MR text-sim:tfidf")),
+        Benchmark("mgsc", ("all", "root", "subtree"), "grounded_captions", ("METEOR", "CIDEr", "AP50", "mIoU", "MR text-sim:tfidf")),
         Benchmark("coco_caption", ("val", "test"), "captions", ("CIDEr", "METEOR")),
     )
 }
@@ -76,6 +76,10 @@ def score(bench: Benchmark, pairs: list, mode: str) -> dict[str, float]:
 
     if bench.family == "referring":
         out = S.score_referring(pairs)
+    elif bench.family == "generalized" and mode == "teacher_forced":
+        # a fed reference shows no rejection: no-target samples would score 1 for free
+        out = S.score_generalized([(p, t) for p, t in pairs if t.masks])
+        out = {k: v for k, v in out.items() if k not in ("N-acc", "T-acc")}
     elif bench.family == "generalized":
         out = S.score_generalized(pairs)
     elif bench.family == "grounded_captions":
@@ -88,14 +92,33 @@ def score(bench: Benchmark, pairs: list, mode: str) -> dict[str, float]:
 
 
 def table(report: dict) -> str:
-    """report[bench][split] = metrics -> one block per benchmark, a row per split, the headline columns
-    (x100 as the papers print them, counts as they are)."""
+    """report[bench][split] = metrics -> the seeds' tables (MGLMM Tables 3-6: RES cIoU by dataset/split
+    with ReasonSeg; gRefCOCO cIoU/gIoU by split; MGSC and GCG M/C/AP50/mIoU/MR; captions CIDEr), one
+    row of ours, x100 as printed there; a cell not evaluated is '-'. Other numbers are in the JSON."""
+    mr = "MR text-sim:tfidf"
+    blocks = [
+        ("Referring segmentation (cIoU; ReasonSeg cIoU, gIoU)",
+         [(b, [(sp, b, sp, "cIoU") for sp in BENCHMARKS[b].splits]) for b in ("refcoco", "refcoco+", "refcocog")]
+         + [("reasonseg", [("cIoU", "reasonseg", sp, "cIoU") for sp in ("val",)] + [("gIoU", "reasonseg", "val", "gIoU")])]),
+        ("Generalized referring segmentation (gRefCOCO; N-acc, T-acc beside)",
+         [(sp, [(m, "grefcoco", sp, m) for m in ("cIoU", "gIoU", "N-acc", "T-acc")]) for sp in BENCHMARKS["grefcoco"].splits]),
+        ("MGSC and GCG (MR: TF-IDF text similarity, not comparable to published MR)",
+         [(f"{b} {sp}", [(c, b, sp, m) for c, m in (("M", "METEOR"), ("C", "CIDEr"), ("AP50", "AP50"), ("mIoU", "mIoU"), ("MR", mr))])
+          for b in ("mgsc", "gcg") for sp in BENCHMARKS[b].splits]),
+        ("Image captioning", [(f"coco {sp}", [("CIDEr", "coco_caption", sp, "CIDEr"), ("METEOR", "coco_caption", sp, "METEOR")])
+                              for sp in BENCHMARKS["coco_caption"].splits]),
+    ]
     lines = []
-    for name, splits in report.items():
-        bench = BENCHMARKS[name]
-        cols = [c for c in bench.headline if any(c in m for m in splits.values())] + ["n"]
-        lines.append(f"{name:<14}" + "".join(f"{c:>22}" for c in cols))
-        for split, m in splits.items():
-            cells = [("-" if c not in m else f"{m[c]:.0f}" if c == "n" else f"{100 * m[c]:.1f}") for c in cols]
-            lines.append(f"  {split:<12}" + "".join(f"{v:>22}" for v in cells))
-    return "\n".join(lines)
+    for title, groups in blocks:
+        groups = [(g, cols) for g, cols in groups if any(b in report and sp in report[b] for _, b, sp, _ in cols)]
+        if not groups:
+            continue
+        head, sub, row = [], [], []
+        for g, cols in groups:
+            head.append(g.ljust(8 * len(cols) - 1))
+            for label, b, sp, m in cols:
+                value = report.get(b, {}).get(sp, {}).get(m)
+                sub.append(f"{label:>7}")
+                row.append(f"{100 * value:7.1f}" if isinstance(value, (int, float)) else f"{'-':>7}")
+        lines += [title, "       " + " ".join(head), "       " + " ".join(sub), "segcap " + " ".join(row), ""]
+    return "\n".join(lines).rstrip()

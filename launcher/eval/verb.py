@@ -142,6 +142,9 @@ def _run_benches(model, tokenizer, data_cfg, eval_cfg, benches, args, info, sync
                     raise RuntimeError(f"{bench.name} {split}: {len(keys) - len(set(keys))} sample(s) scored twice")
                 metrics = {**B.score(bench, pairs, mode), "mode": mode, "samples_per_rank": per_rank,
                            "expected": _manifest_total(folder), "seconds": seconds, "samples_per_s": len(pairs) / max(seconds, 1e-9)}
+                if len(pairs) < metrics["expected"] and not settings.max_batches:
+                    print(f"[segcap] eval {bench.name} {split}: {metrics['expected'] - len(pairs)} of {metrics['expected']} "
+                          f"samples were not scored (skipped by the loader as bad or too long for data.max_length)", flush=True)
                 if args.save_predictions:
                     write_predictions(Path(args.save_predictions) / f"{bench.name}_{split}.jsonl", [p for p, _ in pairs])
             report.setdefault(bench.name, {})[split] = broadcast(metrics, info)
@@ -175,13 +178,19 @@ def _tracker(cfg: RunConfig, run_dir: Path, info, tags: dict):
     return tracker
 
 
+def mlflow_names(name: str, splits: dict) -> dict[str, float]:
+    """bench/<name>_<split>/<metric> for every number; MLflow names allow no '+' (refcoco+ -> refcocoplus)."""
+    name = name.replace("+", "plus")
+    return {f"bench/{name}_{s}/{k}": v for s, m in splits.items() for k, v in m.items() if isinstance(v, (int, float))}
+
+
 def _log_bench(tracker, name: str, splits: dict, step: int) -> None:
-    """One metric per number (bench/<name>_<split>/<metric>) and one MLflow table for the benchmark."""
+    """One metric per number and one MLflow table for the benchmark."""
     numeric = {s: {k: v for k, v in m.items() if isinstance(v, (int, float))} for s, m in splits.items()}
-    tracker.log_metrics({f"bench/{name}_{s}/{k}": v for s, m in numeric.items() for k, v in m.items()}, step)
+    tracker.log_metrics(mlflow_names(name, splits), step)
     cols = sorted({k for m in numeric.values() for k in m})
     table = {"split": list(numeric), **{c: [numeric[s].get(c) for s in numeric] for c in cols}}
-    tracker.log_table(table, f"eval/{name}.json")
+    tracker.log_table(table, f"eval/{name.replace('+', 'plus')}.json")
 
 
 def _finish(report: dict, path: str | None) -> None:
