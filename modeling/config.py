@@ -150,7 +150,7 @@ class LossConfig:
 
 
 # model.init_from vocabulary (modeling/weights.py): what a source is, and the parts of the model it can give.
-INIT_KINDS = ("segcap", "llava", "llava_hf", "sam")
+INIT_KINDS = ("segcap", "export", "llava", "llava_hf", "sam")
 INIT_PARTS = ("llm", "lora", "token_rows", "vision", "projector", "seg_mlp", "sam_encoder", "decoder")
 
 
@@ -158,8 +158,8 @@ INIT_PARTS = ("llm", "lora", "token_rows", "vision", "projector", "seg_mlp", "sa
 class InitSource:
     """One entry of model.init_from (modeling/weights.py): weights copied into the built model."""
 
-    path: str = ""  # a segcap run dir, a LLaVA-1.5 folder (either layout), a segment-anything .pth
-    kind: str = "auto"  # auto (from what is at `path`) | segcap | llava | llava_hf | sam
+    path: str = ""  # a segcap run dir or export, a LLaVA-1.5 folder (either layout), a segment-anything .pth
+    kind: str = "auto"  # auto (from what is at `path`) | segcap | export | llava | llava_hf | sam
     # Parts to copy: llm, lora, token_rows, vision, projector, seg_mlp, sam_encoder, decoder. Each must
     # be complete in the source (for a segcap run: every parameter of it that trains in this model).
     take: list[str] = field(default_factory=list)

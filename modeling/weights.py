@@ -1,5 +1,5 @@
 """model.init_from: copy weights from other checkpoints into a built SegCapModel, in list order. A source
-is a segcap run dir, LLaVA-1.5 (original or llava-hf layout) or a segment-anything `.pth`; its keys are
+is a segcap run dir or export, LLaVA-1.5 (original or llava-hf layout) or a segment-anything `.pth`; its keys are
 renamed to segcap's, every requested part is checked (missing, unexpected, shapes) on every rank before
 one weight is copied, then rank 0 reads the tensors and ZeRO-3 / a broadcast gives them to the others."""
 
@@ -18,21 +18,24 @@ import torch.distributed as dist
 from torch import nn
 
 from modeling.config import INIT_KINDS, INIT_PARTS, InitSource, ModelConfig
+from modeling.llm import SPECIAL_TOKENS
 
 # What a source can give, by segcap module: every parameter of the model belongs to exactly one part.
 PARTS, KINDS = INIT_PARTS, INIT_KINDS
 OFFERS = {
     "segcap": PARTS,
+    "export": PARTS,
     "llava": ("llm", "projector", "vision"),
     "llava_hf": ("llm", "projector", "vision"),
     "sam": ("sam_encoder", "decoder"),
 }
 # The modules a kind can hold at all (the multigranular decoder, say, exists only in segcap runs).
-_SCOPE = {"segcap": ("",), "llava": ("llm.", "vision."), "llava_hf": ("llm.", "vision."), "sam": ("segmenter.sam.",)}
+_SCOPE = {"segcap": ("",), "export": ("",), "llava": ("llm.", "vision."), "llava_hf": ("llm.", "vision."), "sam": ("segmenter.sam.",)}
 # Written by launcher/checkpoint.py (which modeling may not import): a step dir is usable once it has it.
 COMPLETE_MARKER = "COMPLETE"
 # Buffers some checkpoints carry that are not parameters here (recomputed by the modules themselves).
-_IGNORED = re.compile(r"(^|\.)(position_ids|inv_freq|pixel_mean|pixel_std)$")
+# SamModel's prompt encoder holds shared_image_embedding's matrix again (tied): one parameter here.
+_IGNORED = re.compile(r"(^|\.)(position_ids|inv_freq|pixel_mean|pixel_std)$|prompt_encoder\.shared_embedding\.")
 
 
 class InitFromError(ValueError):
@@ -172,6 +175,8 @@ def detect_kind(path: Path) -> str:
         return "sam"
     if (path / "checkpoints").is_dir():
         return "segcap"
+    if (path / "segcap.yaml").is_file() and (path / "heads.safetensors").is_file():
+        return "export"
     config = path / "config.json"
     if config.is_file():
         c = json.loads(config.read_text())
@@ -234,14 +239,51 @@ def latest_complete_step(run_dir: Path) -> Path:
 
 
 def _open_segcap(run_dir: Path) -> tuple[dict[str, tuple[int, ...]], Callable[[str], torch.Tensor]]:
-    """The fp32 trainable weights of the latest complete checkpoint, consolidated from its ZeRO shards
-    by DeepSpeed's own zero_to_fp32 (frozen weights are not in it: they come from their own sources)."""
+    """The fp32 trainable weights of the latest complete checkpoint (frozen weights are not in it: they
+    come from their own sources): the consolidated trainable/model.safetensors that launcher/checkpoint.py
+    writes beside the shards, else the ZeRO shards through DeepSpeed's own zero_to_fp32."""
+    step = latest_complete_step(run_dir)
+    consolidated = step / "trainable" / "model.safetensors"
+    if consolidated.is_file():
+        raw, read_raw = _open_files([consolidated])
+        names = {normalise(k): k for k in raw}
+        return {n: raw[k] for n, k in names.items()}, lambda n: read_raw(names[n])
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    step = latest_complete_step(run_dir)
     state = get_fp32_state_dict_from_zero_checkpoint(str(step.parent), tag=step.name, exclude_frozen_parameters=True)
     state = {normalise(k): v for k, v in state.items()}
     return {k: tuple(v.shape) for k, v in state.items()}, state.__getitem__
+
+
+def _open_export(folder: Path) -> tuple[dict[str, tuple[int, ...]], Callable[[str], torch.Tensor]]:
+    """A `launcher export` folder: llm/ (LoRA merged, new-token rows in place), adapter/ (--lora-only),
+    vision/, sam/ (Hugging Face folders) and heads.safetensors (segcap names). The new tokens' rows
+    (token_rows) are the llm/ matrices' rows at the ids its tokenizer gives them."""
+    shapes: dict[str, tuple[int, ...]] = {}
+    readers: dict[str, Callable[[], torch.Tensor]] = {}
+
+    def add(files: list[Path], rename: Callable[[str], str | None]) -> None:
+        raw, read_raw = _open_files(files)
+        for key, shape in raw.items():
+            name = rename(key)
+            if name is not None and not _IGNORED.search(key):
+                shapes[name], readers[name] = shape, (lambda k=key: read_raw(k))
+
+    add([folder / "heads.safetensors"], normalise)
+    add(_weight_files(folder / "llm"), lambda k: "llm." + k)
+    for sub, prefix in (("vision", "vision.clip."), ("sam", "segmenter.sam.")):
+        if (folder / sub).is_dir():
+            add(_weight_files(folder / sub), lambda k, prefix=prefix: normalise(prefix + k))
+    adapter = folder / "adapter" / "adapter_model.safetensors"
+    if adapter.is_file():  # peft's names: base_model.model.<module>.lora_A.weight (adapter name left out)
+        add([adapter], lambda k: normalise("llm." + re.sub(r"\.(lora_[AB])\.", r".\1.default.", k)))
+    added = json.loads((folder / "llm" / "tokenizer.json").read_text()).get("added_tokens", [])
+    ids = sorted(t["id"] for t in added if t["content"] in SPECIAL_TOKENS)
+    for matrix in ("llm.model.embed_tokens", "llm.lm_head"):
+        if f"{matrix}.weight" in shapes and ids:
+            shapes[f"{matrix}.rows"] = (len(ids), shapes[f"{matrix}.weight"][1])
+            readers[f"{matrix}.rows"] = lambda m=matrix: readers[f"{m}.weight"]()[ids]
+    return shapes, lambda name: readers[name]()
 
 
 _RENAME = {"llava": _llava_name, "llava_hf": _llava_hf_name, "sam": _sam_name}
@@ -253,8 +295,8 @@ def open_source(src: InitSource) -> Source:
     if not path.exists():
         raise InitFromError(f"no such file or folder {path}")
     kind = detect_kind(path) if src.kind == "auto" else src.kind
-    if kind == "segcap":
-        shapes, read = _open_segcap(path)
+    if kind in ("segcap", "export"):
+        shapes, read = (_open_segcap if kind == "segcap" else _open_export)(path)
         return Source(kind, shapes, [], read)
     files = [path] if path.is_file() else _weight_files(path)
     raw, read_raw = _open_files(files)
@@ -308,7 +350,7 @@ def plan_source(model: nn.Module, src: InitSource, kind: str, shapes: dict[str, 
     if unexpected:
         raise InitFromError(f"unexpected keys (the model has no such parameter): {_few(unexpected)}")
     vocab_rows = None
-    if "llm" in take and kind != "segcap":
+    if "llm" in take and kind in ("llava", "llava_hf"):
         vocab_rows = min(model.token_ids.values())  # the first new token: rows below come from the source
     wrong = []
     for n in sorted(offered):

@@ -186,3 +186,74 @@ def test_sam_pth_loads_beside_the_multigranular_decoder(tmp_path):
     cfg.init_from = [InitSource(path=str(tmp_path / "sam.pth"), take=["sam_encoder", "decoder"])]
     model = build_model(cfg, tiny_tokenizer())
     assert torch.equal(model.segmenter.sam.vision_encoder.pos_embed, state["image_encoder.pos_embed"])
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    """A segcap run dir as training leaves it: config.yaml and a complete checkpoint holding the
+    consolidated trainable state (trainable/model.safetensors by parameter name, as launcher/checkpoint.py
+    writes it beside the ZeRO shards), for a tiny model whose trained weights are random numbers."""
+    import json
+
+    import yaml
+    from safetensors.torch import save_file
+
+    from launcher.config import load_config, to_dict
+    from launcher.tokenizer import make_tokenizer
+
+    run = tmp_path_factory.mktemp("run")
+    cfg = load_config("configs/train/tiny.yaml", ["train.zero_stage=0", f"train.output_dir={run}"])
+    model = build_model(cfg.model, make_tokenizer(cfg.model.llm))
+    g = torch.Generator().manual_seed(5)
+    trained = {n: torch.randn(p.shape, generator=g) for n, p in model.named_parameters() if p.requires_grad}
+    (run / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    step = run / "checkpoints" / "step_00000004"
+    (step / "trainable").mkdir(parents=True)
+    save_file(trained, str(step / "trainable" / "model.safetensors"))
+    (step / "COMPLETE").write_text(json.dumps({"step": 4, "world_size": 2}))
+    return run, trained
+
+
+def _tiny_run_model(*sources: InitSource, **llm):
+    from launcher.config import load_config
+    from launcher.tokenizer import make_tokenizer
+
+    cfg = load_config("configs/train/tiny.yaml", [f"model.llm.{k}={v}" for k, v in llm.items()])
+    cfg.model.init_from = list(sources)
+    return build_model(cfg.model, make_tokenizer(cfg.model.llm))
+
+
+def test_a_segcap_run_dir_gives_what_the_run_trained(run_dir):
+    run, trained = run_dir
+    model = _tiny_run_model(InitSource(path=str(run), take=["projector", "lora", "token_rows", "seg_mlp", "decoder"]))
+    loaded = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    assert loaded.keys() == trained.keys()
+    for n, p in loaded.items():
+        assert torch.equal(p, trained[n]), n
+
+
+def test_a_lora_of_another_rank_is_a_shape_mismatch_naming_the_weight(run_dir):
+    run, _ = run_dir
+    with pytest.raises(InitFromError, match=r"shape mismatch: llm\.model\.layers\.0\.mlp\.down_proj\.lora_A\.default\.weight \[8, 256\] \(model: \[4, 256\]\)"):
+        _tiny_run_model(InitSource(path=str(run), take=["lora"]), **{"lora.r": 4})
+
+
+def test_an_export_gives_every_part_back(run_dir, tmp_path):
+    from safetensors.torch import load_file
+
+    from launcher.export import export
+
+    run, trained = run_dir
+    out = export(run, tmp_path / "export")
+    parts = ["llm", "vision", "projector", "seg_mlp", "sam_encoder", "decoder", "token_rows"]
+    model = _tiny_run_model(InitSource(path=str(out), take=parts))
+    llm_file, sam_file = load_file(str(out / "llm" / "model.safetensors")), load_file(str(out / "sam" / "model.safetensors"))
+    base = model.llm.get_base_model()
+    q = base.model.layers[0].self_attn.q_proj.base_layer.weight
+    assert torch.equal(q, llm_file["model.layers.0.self_attn.q_proj.weight"])  # LoRA merged into it
+    emb = base.get_input_embeddings()
+    assert torch.equal(emb.rows, trained["llm.base_model.model.model.embed_tokens.rows"])
+    assert torch.equal(emb.base.weight, llm_file["model.embed_tokens.weight"])
+    for n in ("vision.projector.0.weight", "text_hidden_fcs.2.bias", "segmenter.sam.mask_decoder.transformer.layers.0.mlp.lin1.weight"):
+        assert torch.equal(dict(model.named_parameters())[n], trained[n]), n
+    assert torch.equal(model.segmenter.sam.vision_encoder.pos_embed, sam_file["vision_encoder.pos_embed"])

@@ -86,3 +86,16 @@ def test_init_from_loads_every_source_kind_into_a_zero3_partitioned_model(tmp_pa
         assert torch.equal(got["llm.base_model.model.model.embed_tokens.base.weight"][:v], hf["model.language_model.embed_tokens.weight"])
     for n in ranks[0]["got"]:
         assert torch.equal(ranks[0]["got"][n], ranks[1]["got"][n]), n
+
+    # the run dir is read from the consolidated trainable/ copy; without it, from the ZeRO shards alike
+    from modeling.config import InitSource
+    from modeling.weights import open_source
+
+    run = InitSource(path=str(tmp_path / "run"), take=["projector"])
+    consolidated = open_source(run)
+    for folder in (tmp_path / "run" / "checkpoints").glob("step_*/trainable"):
+        folder.rename(folder.with_name("trainable_hidden"))
+    shards = open_source(run)
+    assert consolidated.shapes == shards.shapes and len(shards.shapes) == len(ranks[0]["names"])
+    for n in shards.shapes:
+        assert torch.equal(consolidated.read(n), shards.read(n)), n
