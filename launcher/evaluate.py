@@ -322,5 +322,5 @@ def evaluate_checkpoint(cfg: RunConfig) -> int:
     evaluator = Evaluator(cfg, tokenizer, info, run_dir, tracker, num_image_tokens=model.num_image_tokens)
     evaluator.run(engine.module, step=state["step"], prefix="eval")
     tracker.flush()
-    dist.barrier()
+    dist.finish()
     return 0

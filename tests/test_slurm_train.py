@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 from slurm_cluster import REPO
 
+from launcher.train import HOLD_ENV
+
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 STEPS = 5
 TWO_NODES = ["--nodes=2", "--ntasks-per-node=1", "--gpus-per-node=0", "--cpus-per-task=2", "--mem=0"]
@@ -83,13 +85,17 @@ def test_stage2_on_two_nodes_preempted_and_requeued_reproduces_the_uninterrupted
     slurm_2node.wait(ref, "COMPLETED", timeout=200)
     want = losses(run_dir_of(slurm_2node.output(ref)))
 
-    job = slurm_2node.submit(REPO / "slurm/stage2.sh", args, TWO_NODES, env={"SEGCAP_RUN_ROOT": str(tmp_path / "pre")})
-    slurm_2node.wait_output(job, rf"step 2/{STEPS}", timeout=200)
+    # The ranks hold after step 2 until the signal is there (launcher.train.HOLD_ENV): the preemption
+    # lands at step 2 however fast or loaded the machine is.
+    env = {"SEGCAP_RUN_ROOT": str(tmp_path / "pre"), HOLD_ENV: "2"}
+    job = slurm_2node.submit(REPO / "slurm/stage2.sh", args, TWO_NODES, env=env)
+    slurm_2node.wait_output(job, r"holding at step 2 until", timeout=200)
     slurm_2node.signal(job, "USR1", target="batch")  # what --signal=B:USR1@600 does before the time limit
     info = slurm_2node.wait(job, "COMPLETED", timeout=200, restarts=1)
 
     out = slurm_2node.output(job)
     assert "requeueing job" in out and "resumed from" in out and info["ExitCode"] == "0:0"
+    assert f"stopping at step 2 (signal {int(signal.SIGUSR1)})" in out
     got = losses(run_dir_of(out))
     assert sorted(got) == list(range(1, STEPS + 1))  # no step lost or repeated
     for step in want:
