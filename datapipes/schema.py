@@ -218,8 +218,9 @@ def _check_region(m: dict, where: str, size) -> None:
     if rle is not None:
         if not isinstance(rle, dict) or not isinstance(rle.get("counts"), str) or "size" not in rle:
             raise SchemaError(f"{where}.rle must be compressed RLE {{'size': [h, w], 'counts': str}} or null")
-        if list(rle["size"]) != list(size):
-            raise SchemaError(f"{where}.rle size {list(rle['size'])} != image_size {list(size)}")
+        rsize = rle["size"]
+        if not (isinstance(rsize, (list, tuple)) and all(type(v) is int for v in rsize) and list(rsize) == list(size)):
+            raise SchemaError(f"{where}.rle size {rsize!r} != image_size {list(size)}")
     box = m["box"]
     if not (isinstance(box, (list, tuple)) and len(box) == 4 and all(isinstance(v, (int, float)) for v in box)):
         raise SchemaError(f"{where}.box must be [x, y, w, h]")
