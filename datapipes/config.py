@@ -43,8 +43,19 @@ class DataConfig:
     batch_size: int = 8  # per rank, per micro-step
     eval_batch_size: int = 16
     num_workers: int = 1
-    shuffle_buffer: int = 256
-    max_length: int = 160  # tokens, image placeholders included; longer samples are skipped as bad
+    # Shards of one source each train reader slot reads at once, samples interleaved (each shard's own
+    # samples come in a fresh permutation per visit). More mixes better; a resume scans that many shards' headers.
+    open_shards: int = 2
+    # Tokens, image placeholders included. A longer sample's answer is cut at a phrase boundary
+    # (datapipes/text.py); one that no cut makes fit is skipped (reason too_long).
+    max_length: int = 160
+    # Train batches carry uint8 CLIP/SAM frames, normalised to float where Batch.model_inputs() runs
+    # (on the GPU after batch.to(device)): 4x less to copy and no float work in the loader workers.
+    normalize_on_device: bool = False
+    # How an image becomes the square CLIP frame: "squash" (resized to the square), or "pad" (first padded
+    # to a square with the CLIP mean colour, centred: LLaVA-1.5's preprocessing, which a projector taken
+    # from LLaVA expects; configs/train/stage2_from_llava.yaml).
+    clip_frame: str = "squash"
     max_bad_fraction: float = 0.01  # the run stops with an error above this rate of skipped samples
     bad_fraction_min_seen: int = 50  # ...checked once a worker has seen this many samples
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)

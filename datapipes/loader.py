@@ -1,6 +1,6 @@
 """The streaming loaders: WebDataset shards -> decoded, validated, tokenised examples -> Batch.
-Train: resampled, shuffled, weighted-mixed, resumable exactly at any step; eval: one pass, every sample
-once, the same batch count on every rank. Bad samples are skipped and counted up to a configured rate.
+Train: weighted-mixed, shuffled, resumable at any step without reading the samples before it; eval:
+one pass, every sample once, the same batch count on every rank. Bad samples are skipped and counted.
 """
 
 from __future__ import annotations
@@ -8,10 +8,10 @@ from __future__ import annotations
 import io
 import math
 import os
-import random
+import sys
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator
 
 import numpy as np
 import torch
@@ -20,47 +20,23 @@ from PIL import Image
 
 from datapipes.collate import Batch, Example, collate
 from datapipes.config import DataConfig, SourceConfig
-from datapipes.schema import IMAGE_TOKEN, BadSample, Sample, decode_mask
+from datapipes.order import Mixture, ShardSlice, SourceOrder, assign_slices
+from datapipes.schema import IMAGE_TOKEN, SEG_TOKEN, BadSample, Sample, decode_mask
 from datapipes.shards import read_manifest
-from datapipes.text import Tokens, image_token_id, tokenize_conversation
+from datapipes.text import fit_conversation, image_token_id, tokenize_conversation
 
 # Workers are forked after the main process may have used the tokenizer; its thread pool must not be.
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-IMAGE_EXTS = ("png", "jpg", "jpeg")
+IMAGE_EXTS = ("jpg", "jpeg", "png")
+# Why a sample was skipped. "too_long" is a valid sample that no cut makes fit; the others are corrupt.
+REASONS = ("tar", "json", "image", "mask", "invalid", "missing", "too_long")
 
 
 class DataError(RuntimeError):
     """The data is too broken to train on (too many bad samples, or a shard that disagrees with its manifest)."""
 
 
-# --- which samples a (rank, worker) slot reads ----------------------------------------------------
-
-@dataclass(frozen=True)
-class ShardSlice:
-    """The samples of one shard that one slot reads: index % modulo == residue."""
-
-    source: str
-    url: str
-    count: int  # samples in the shard, from the manifest
-    residue: int = 0
-    modulo: int = 1
-
-    @property
-    def size(self) -> int:
-        return len(range(self.residue, self.count, self.modulo))
-
-
-def assign_slices(shards: list[tuple[str, str, int]], slot: int, num_slots: int) -> list[ShardSlice]:
-    """Whole shards round-robin when there are at least as many shards as slots; otherwise slot s reads
-    shard s % n and keeps every m-th sample of it (m = the number of slots sharing that shard), so no
-    slot is left without data and no sample is read by two slots."""
-    n = len(shards)
-    if n >= num_slots:
-        return [ShardSlice(*shards[i]) for i in range(slot, n, num_slots)]
-    j = slot % n
-    sharing = len(range(j, num_slots, n))
-    return [ShardSlice(*shards[j], residue=slot // n, modulo=sharing)]
-
+# --- reading shards ------------------------------------------------------------------------------
 
 def _manifest_shards(source: SourceConfig) -> list[tuple[str, str, int]]:
     return [(source.name, s["url"], s["count"]) for s in read_manifest(source.path)["shards"]]
@@ -82,40 +58,61 @@ def _read_slice(sl: ShardSlice, errors: list) -> Iterator[dict]:
 
 @dataclass
 class Decoder:
-    """Raw tar sample -> Example, or BadSample naming why not."""
+    """Raw tar sample -> Example, or BadSample naming why not. A JPEG much larger than the SAM frame
+    is decoded at a reduced size in the DCT domain (PIL draft: 1/2, 1/4 or 1/8), never below what the
+    CLIP and SAM resizes need; masks stay at the stored size. Too-long conversations are cut
+    (datapipes/text.py); `cut` counts those."""
 
     tokenizer: object
     num_image_tokens: int
     max_length: int
+    target_side: int = 0  # the longest side the image is resized to (SAM's frame); 0: decode at full size
+    min_side: int = 0  # ...and the side both image sides are resized to at least (CLIP's)
 
     def __post_init__(self) -> None:
         self.image_id = image_token_id(self.tokenizer)
+        self.cut = 0
 
     def __call__(self, raw: dict) -> Example:
         if "json" not in raw:
             raise BadSample("missing", f"sample {raw.get('__key__')} has no .json")
         ext = next((e for e in IMAGE_EXTS if e in raw), None)
         if ext is None:
-            raise BadSample("missing", f"sample {raw.get('__key__')} has no image (.png/.jpg)")
+            raise BadSample("missing", f"sample {raw.get('__key__')} has no image (.jpg/.png)")
         sample = Sample.from_json(raw["json"])
-        try:
-            image = Image.open(io.BytesIO(raw[ext]))
-            image.load()
-            image = image.convert("RGB")
-        except Exception as e:  # PIL raises OSError, SyntaxError, ValueError... for broken files
-            raise BadSample("image", f"image does not decode: {e}") from e
         h, w = sample.image_size
-        if (image.height, image.width) != (h, w):
-            raise BadSample("image", f"image is {image.height}x{image.width}, its JSON says {h}x{w}")
-        masks = np.stack([_decode(m.rle, h, w) for m in sample.masks]) if sample.masks else np.zeros((0, h, w), np.uint8)
-        tokens = tokenize_conversation(
+        image = self.decode_image(raw[ext], h, w)
+        tokens, conversation = fit_conversation(
             sample.conversation, self.tokenizer, image_id=self.image_id,
             num_image_tokens=self.num_image_tokens, max_length=self.max_length,
         )
-        example = Example(raw["__key__"], sample.task, image, masks, tokens, sample.extra)
-        if any(m.rle is None or m.instances for m in sample.masks):  # box-only or set targets
-            _add_instances(example, sample, h, w)
+        if conversation is not sample.conversation:  # cut: the masks of the [SEG]s cut away go too
+            self.cut += 1
+            kept = sum(t["content"].count(SEG_TOKEN) for t in conversation if t["role"] == "assistant")
+            sample.masks = sample.masks[:kept]
+        try:
+            masks = np.stack([_decode(m.rle, h, w) for m in sample.masks]) if sample.masks else np.zeros((0, h, w), np.uint8)
+            example = Example(raw["__key__"], sample.task, image, masks, tokens, sample.extra, hw=(h, w), sample=sample)
+            if any(m.rle is None or m.instances for m in sample.masks):  # box-only or set targets
+                _add_instances(example, sample, h, w)
+        except BadSample as e:
+            raise BadSample("mask", str(e)) from e
         return example
+
+    def decode_image(self, data: bytes, h: int, w: int) -> Image.Image:
+        try:
+            image = Image.open(io.BytesIO(data))
+            if (image.height, image.width) != (h, w):
+                raise BadSample("image", f"image is {image.height}x{image.width}, its JSON says {h}x{w}")
+            if self.target_side and image.format == "JPEG":
+                scale = self.target_side / max(h, w)
+                need = (max(math.ceil(w * scale), self.min_side), max(math.ceil(h * scale), self.min_side))
+                image.draft("RGB", need)  # picks the largest DCT reduction still >= need (none for COCO photos)
+            return image.convert("RGB")  # decodes
+        except BadSample:
+            raise
+        except Exception as e:  # PIL raises OSError, SyntaxError, ValueError... for broken files
+            raise BadSample("image", f"image does not decode: {e}") from e
 
     def filler(self, size: int) -> Example:
         """A blank sample that keeps ranks in step; metrics ignore it (is_padding)."""
@@ -144,14 +141,15 @@ def _add_instances(example: Example, sample: Sample, h: int, w: int) -> None:
 
 
 class SkipCounter:
-    """Counts seen and skipped samples of one worker; raises DataError past the allowed rate."""
+    """Counts seen and skipped samples of one worker by source and reason; raises DataError past the
+    allowed rate. `take()` hands the counts since the last batch to that batch."""
 
     def __init__(self, max_bad_fraction: float, min_seen: int, where: str):
         self.max_bad_fraction, self.min_seen, self.where = max_bad_fraction, min_seen, where
         self.seen = 0
         self.bad: dict[str, Counter] = {}  # source -> reason -> count
         self.last: dict[str, str] = {}  # source -> the last bad sample, for the error message
-        self.pending: Counter = Counter()  # since the last batch
+        self.pending: Counter = Counter()  # "source/reason" -> count, since the last batch
 
     def ok(self) -> None:
         self.seen += 1
@@ -160,7 +158,7 @@ class SkipCounter:
         reason = getattr(err, "reason", "tar")
         self.seen += 1
         self.bad.setdefault(source, Counter())[reason] += 1
-        self.pending[reason] += 1
+        self.pending[f"{source}/{reason}"] += 1
         self.last[source] = f"{url} key {key}: {err}"
         n_bad = sum(sum(c.values()) for c in self.bad.values())
         if self.seen >= self.min_seen and n_bad / self.seen > self.max_bad_fraction:
@@ -182,8 +180,12 @@ class SkipCounter:
 
 class TrainStream(torch.utils.data.IterableDataset):
     """Infinite batches of one rank. Worker i of W plays role (start_step + i) % W: role r makes the
-    global batches r, r + W, r + 2W, ... so in-order delivery gives start_step, start_step + 1, ...;
-    batches before start_step are still drawn (decoded, counted) but not collated."""
+    global batches r, r + W, r + 2W, ... so in-order delivery gives start_step, start_step + 1, ...
+
+    Local batch b of a role is the draws b*B .. b*B + B - 1 of its Mixture, each read from its
+    source's SourceOrder at that source's next position. A bad sample leaves its batch one short (a
+    batch whose every draw is bad reads spares), so what batch b holds never depends on how earlier
+    batches decoded: a resume at any step starts there directly (datapipes/order.py)."""
 
     def __init__(self, cfg: DataConfig, tokenizer, *, num_image_tokens: int, clip_size: int, sam_size: int,
                  rank: int, world_size: int, seed: int, start_step: int):
@@ -197,6 +199,9 @@ class TrainStream(torch.utils.data.IterableDataset):
         self.num_workers = max(cfg.num_workers, 1)
         self.pad_id = _pad_id(tokenizer)
         image_token_id(tokenizer)  # fail here, not in a worker
+        if rank == 0:
+            for line in slot_warnings(self.sources, self.shards, world_size * self.num_workers):
+                print(f"[segcap] WARNING data: {line}", file=sys.stderr, flush=True)
 
     def __iter__(self) -> Iterator[Batch]:
         info = torch.utils.data.get_worker_info()
@@ -206,59 +211,66 @@ class TrainStream(torch.utils.data.IterableDataset):
 
     def _batches(self, role: int) -> Iterator[Batch]:
         slot, num_slots = self.rank * self.num_workers + role, self.world_size * self.num_workers
-        decode = Decoder(self.tokenizer, self.num_image_tokens, self.cfg.max_length)
+        decode = Decoder(self.tokenizer, self.num_image_tokens, self.cfg.max_length, target_side=self.sam_size,
+                         min_side=self.clip_size)
         counter = SkipCounter(self.cfg.max_bad_fraction, self.cfg.bad_fraction_min_seen,
                               f"rank {self.rank} worker {role} (train)")
-        streams = [self._source_samples(i, slot, num_slots, counter) for i in range(len(self.sources))]
-        weights = [s.weight for s in self.sources]
-        mix_rng = random.Random(f"mix-{self.seed}-{self.rank}-{role}")
-        batch: list[Example] = []
-        local = 0
+        orders = [SourceOrder(i, assign_slices(self.shards[i], slot, num_slots), seed=self.seed, slot=slot,
+                              lanes=self.cfg.open_shards) for i in range(len(self.sources))]
+        for order, source in zip(orders, self.sources):
+            if order.total == 0:
+                raise DataError(f"source {source.name!r}: reader slot {slot} has no samples ({source.path})")
+        mix = Mixture([s.weight for s in self.sources], seed=self.seed, rank=self.rank, worker=role)
+        bs, w = self.cfg.batch_size, self.num_workers
+        local = max(0, -(-(self.start_step - role) // w))  # the first local batch at or after start_step
+        positions = mix.positions(local * bs)
         while True:
-            i = mix_rng.choices(range(len(streams)), weights)[0] if len(streams) > 1 else 0
-            raw = next(streams[i])
-            try:
-                batch.append(decode(raw))
-                counter.ok()
-            except BadSample as e:
-                counter.skip(self.sources[i].name, raw["__url__"], raw["__key__"], e)
-                continue
-            if len(batch) == self.cfg.batch_size:
-                global_step = role + local * self.num_workers
-                skipped = counter.take()
-                if global_step >= self.start_step:
-                    yield collate(batch, pad_id=self.pad_id, clip_size=self.clip_size, sam_size=self.sam_size, skipped=skipped)
-                batch, local = [], local + 1
+            step = role + local * w
+            batch: list[Example] = []
+            for i in mix.draws(local * bs, bs):
+                batch += self._read(decode, counter, orders[i], self.sources[i].name, positions[i])
+                positions[i] += 1
+            attempt = 0
+            while not batch:  # every draw was bad: spares keep the batch from being empty
+                i, position = mix.spare(step, attempt, [o.total for o in orders])
+                batch += self._read(decode, counter, orders[i], self.sources[i].name, position)
+                attempt += 1
+                if attempt > 100 * bs:
+                    raise DataError(f"rank {self.rank} worker {role}: batch {step} found no good sample in "
+                                    f"{bs} draws and {attempt} spares")
+            cut, decode.cut = decode.cut, 0
+            yield collate(batch, pad_id=self.pad_id, clip_size=self.clip_size, sam_size=self.sam_size,
+                          skipped=counter.take(), cut=cut, normalize=not self.cfg.normalize_on_device,
+                          clip_pad=self.cfg.clip_frame == "pad")
+            local += 1
 
-    def _source_samples(self, i: int, slot: int, num_slots: int, counter: SkipCounter) -> Iterator[dict]:
-        """Raw samples of source i for this slot: shards resampled with replacement, then shuffled."""
-        source = self.sources[i]
-        slices = {sl.url: sl for sl in assign_slices(self.shards[i], slot, num_slots)}
-        shard_seed = random.Random(f"shards-{self.seed}-{i}").getrandbits(31)
-        urls = wds.ResampledShards(sorted(slices), seed=shard_seed, worker_seed=lambda: slot, deterministic=True)
+    @staticmethod
+    def _read(decode: Decoder, counter: SkipCounter, order: SourceOrder, name: str, position: int) -> list[Example]:
+        raw: dict = {}
+        try:
+            raw = order.read(position)
+            example = decode(raw)
+        except BadSample as e:
+            counter.skip(name, raw.get("__url__", "?"), raw.get("__key__", f"position {position}"), e)
+            return []
+        counter.ok()
+        return [example]
 
-        def samples() -> Iterator[dict]:
-            empty_run = 0
-            for item in urls:
-                sl, errors, n = slices[item["url"]], [], 0
-                for raw in _read_slice(sl, errors):
-                    n += 1
-                    yield raw
-                for e in errors:
-                    counter.skip(source.name, sl.url, "?", e)
-                empty_run = 0 if n else empty_run + 1
-                if empty_run > 10 * len(slices):
-                    raise DataError(f"source {source.name!r}: shards {sorted(slices)} yield no samples")
 
-        rng = random.Random(f"shuffle-{self.seed}-{i}-{self.rank}-{slot}")
-        buf = self.cfg.shuffle_buffer
-        return iter(wds.shuffle(buf, initial=buf, rng=rng)(samples())) if buf > 1 else samples()
+def slot_warnings(sources: list[SourceConfig], shards: list[list], num_slots: int) -> list[str]:
+    """One line per source with fewer shards than reader slots (ranks x workers)."""
+    return [
+        f"source {src.name!r} has {len(sh)} shard(s) for {num_slots} reader slots (ranks x workers): slots share "
+        f"shards, each reading every {math.ceil(num_slots / len(sh))}-th sample of one, and every slot scans that "
+        f"whole shard's tar headers; write at least {num_slots} shards ({src.path})"
+        for src, sh in zip(sources, shards) if len(sh) < num_slots
+    ]
 
 
 def build_train_loader(cfg: DataConfig, tokenizer, *, num_image_tokens: int, clip_size: int, sam_size: int,
                        rank: int, world_size: int, seed: int, start_step: int = 0):
     """An iterable of Batch, forever; the launcher takes `steps` of them. Resuming needs the same
-    seed, world_size, batch_size, num_workers and sources."""
+    seed, world_size, batch_size, num_workers, open_shards and sources."""
     stream = TrainStream(cfg, tokenizer, num_image_tokens=num_image_tokens, clip_size=clip_size, sam_size=sam_size,
                          rank=rank, world_size=world_size, seed=seed, start_step=start_step)
     return _with_workers(stream, cfg.num_workers)
@@ -300,14 +312,16 @@ class EvalPass(torch.utils.data.IterableDataset):
         return self._batches(info.id if info is not None else 0)
 
     def _batches(self, worker: int) -> Iterator[Batch]:
-        decode = Decoder(self.tokenizer, self.num_image_tokens, self.cfg.max_length)
+        decode = Decoder(self.tokenizer, self.num_image_tokens, self.cfg.max_length, target_side=self.sam_size,
+                         min_side=self.clip_size)
         filler = decode.filler(self.sam_size)
         counter = SkipCounter(self.cfg.max_bad_fraction, self.cfg.bad_fraction_min_seen,
                               f"rank {self.rank} worker {worker} (eval)")
 
         def make(batch: list[Example]) -> Batch:
+            cut, decode.cut = decode.cut, 0
             return collate(batch, pad_id=self.pad_id, clip_size=self.clip_size, sam_size=self.sam_size,
-                           skipped=counter.take())
+                           skipped=counter.take(), cut=cut, clip_pad=self.cfg.clip_frame == "pad")
 
         batch: list[Example] = []
         for ex in self._examples(self.slices[self.rank * self.num_workers + worker], decode, filler, counter):

@@ -54,22 +54,43 @@ def build_mask_tree(masks: list[np.ndarray], labels: list[str], inclusion: float
 
     Masks are placed largest first so every possible parent is already in the tree; equal masks
     nest in input order. Children are sorted left to right and same-label siblings merged.
+    Areas are counted once and intersections only inside the two masks' common bounding box: SA-1B
+    photos are 1500x2250, where whole-image passes per pair dominated the pipeline.
     """
     if len(masks) != len(labels):
         raise ValueError(f"{len(masks)} masks but {len(labels)} labels")
     shape = masks[0].shape if masks else (1, 1)
     root = MaskNode("root", np.ones(shape, dtype=bool))
     nodes = [MaskNode(label, m.astype(bool)) for m, label in zip(masks, labels)]
+    area = {id(n): n.area for n in nodes}
+    area[id(root)] = shape[0] * shape[1]
+    box = {id(n): _bbox(n.mask) for n in nodes}
     placed: list[MaskNode] = []
-    for node in sorted(nodes, key=lambda n: -n.area):  # stable: ties keep input order
-        parent, area = root, node.area
+    for node in sorted(nodes, key=lambda n: -area[id(n)]):  # stable: ties keep input order
+        parent, a = root, area[id(node)]
         for cand in placed:
-            if area and (node.mask & cand.mask).sum() / area >= inclusion and cand.area < parent.area:
+            if a and _intersection(node, cand, box) / a >= inclusion and area[id(cand)] < area[id(parent)]:
                 parent = cand
         parent.children.append(node)
         placed.append(node)
     _merge_and_order(root)
     return root
+
+
+def _bbox(mask: np.ndarray) -> tuple[int, int, int, int] | None:
+    """(y0, y1, x0, x1), end exclusive; None for an empty mask."""
+    rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+    return (int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1) if len(rows) else None
+
+
+def _intersection(a: MaskNode, b: MaskNode, box: dict) -> int:
+    ba, bb = box[id(a)], box[id(b)]
+    if ba is None or bb is None:
+        return 0
+    y0, y1, x0, x1 = max(ba[0], bb[0]), min(ba[1], bb[1]), max(ba[2], bb[2]), min(ba[3], bb[3])
+    if y0 >= y1 or x0 >= x1:
+        return 0
+    return int((a.mask[y0:y1, x0:x1] & b.mask[y0:y1, x0:x1]).sum())
 
 
 def _merge_and_order(node: MaskNode) -> None:
@@ -89,8 +110,14 @@ def _merge_and_order(node: MaskNode) -> None:
 
 
 def _reading_order(node: MaskNode) -> tuple[float, float]:
-    ys, xs = np.nonzero(node.mask)
-    return (float(xs.mean()), float(ys.mean())) if len(xs) else (0.0, 0.0)
+    """The mask's centroid (x, y): computed inside its bounding box (sums of integers, so the same floats)."""
+    box = _bbox(node.mask)
+    if box is None:
+        return (0.0, 0.0)
+    y0, y1, x0, x1 = box
+    ys, xs = np.nonzero(node.mask[y0:y1, x0:x1])
+    n = len(xs)
+    return (float((xs.sum() + n * x0) / n), float((ys.sum() + n * y0) / n))
 
 
 def plural(noun_phrase: str) -> str:

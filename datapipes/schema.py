@@ -132,30 +132,27 @@ def decode_mask(rle: dict) -> np.ndarray:
 
 def _rle_pixels(counts: str) -> int:
     """Sum of the run lengths of a compressed RLE string (pycocotools' rleFrString, 6-bit chars,
-    each run after the second stored as a delta to the run two back); -1 when malformed."""
-    runs: list[int] = []
-    data = counts.encode("ascii", "replace")
-    i = 0
-    while i < len(data):
-        x, k, more = 0, 0, True
-        while more:
-            if i >= len(data):
-                return -1
-            c = data[i] - 48
-            if not 0 <= c < 64:
-                return -1
-            x |= (c & 0x1F) << (5 * k)
-            more = bool(c & 0x20)
-            i += 1
-            k += 1
-            if not more and c & 0x10:
-                x |= -1 << (5 * k)
-        if len(runs) > 2:
-            x += runs[-2]
-        if x < 0:
-            return -1
-        runs.append(x)
-    return sum(runs)
+    each run after the second stored as a delta to the run two back); -1 when malformed.
+    Vectorised with numpy: the loader runs this for every mask of every sample."""
+    data = np.frombuffer(counts.encode("ascii", "replace"), np.uint8).astype(np.int64) - 48
+    if data.size == 0:
+        return 0
+    if ((data < 0) | (data >= 64)).any() or data[-1] & 0x20:  # a bad char, or the last value unterminated
+        return -1
+    ends = np.flatnonzero((data & 0x20) == 0)  # the last char of each value
+    starts = np.concatenate(([0], ends[:-1] + 1))
+    nchars = ends - starts + 1
+    if nchars.max() > 12:  # > 60 bits: no real run is that long
+        return -1
+    shift = 5 * (np.arange(data.size) - np.repeat(starts, nchars))
+    values = np.add.reduceat((data & 0x1F) << shift, starts)
+    values = np.where(data[ends] & 0x10, values - (1 << (5 * nchars)), values)  # sign-extend
+    runs = values.copy()
+    runs[1::2] = np.cumsum(values[1::2])  # run i >= 3 is a delta to run i - 2
+    runs[2::2] = np.cumsum(values[2::2])
+    if (runs < 0).any():
+        return -1
+    return int(runs.sum())
 
 
 def validate(d: dict) -> None:

@@ -16,6 +16,7 @@ from datapipes import mgsc
 from datapipes.config import SyntheticConfig
 from datapipes.schema import IMAGE_TOKEN, Sample, box_ann, encode_mask, group_ann, mask_ann
 from datapipes.shards import write_shards
+from datapipes.templates import VICUNA_SYSTEM, VICUNA_V1_TEMPLATE
 
 COLOURS = {
     "red": (215, 40, 40),
@@ -49,22 +50,7 @@ MULTI_PROMPTS = ("Please segment all the {}.", "Can you segment every one of the
 GROUP_PROMPTS = ("Please segment the {}.", "Please find the {} and output the segmentation mask.")
 EMPTY_ANSWERS = ("There is no {} in the image.", "Sorry, there is no {} in this image.")
 
-SYSTEM = (
-    "A chat between a curious user and an artificial intelligence assistant. "
-    "The assistant gives helpful, detailed, and polite answers to the user's questions."
-)
-# Vicuna v1 as LLaVA/LISA build it: system + " " + "USER: q" + " " + "ASSISTANT: a" + "</s>" + "USER: ...",
-# and "ASSISTANT:" as the generation prompt. {% generation %} marks what the labels keep.
-VICUNA_V1_TEMPLATE = (
-    "{{ bos_token }}"
-    "{% if messages[0]['role'] == 'system' %}{{ messages[0]['content'] + ' ' }}{% set loop_messages = messages[1:] %}"
-    "{% else %}{{ '" + SYSTEM.replace("'", "\\'") + " ' }}{% set loop_messages = messages %}{% endif %}"
-    "{% for message in loop_messages %}"
-    "{% if message['role'] == 'user' %}{{ 'USER: ' + message['content'] + ' ' }}"
-    "{% else %}{{ 'ASSISTANT: ' }}{% generation %}{{ message['content'] + eos_token }}{% endgeneration %}{% endif %}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
-)
+SYSTEM = VICUNA_SYSTEM  # the synthetic vocabulary covers the default system prompt
 
 
 # --- drawing -------------------------------------------------------------------------------------

@@ -1,18 +1,23 @@
-"""Autotune benchmarks for kernels.msda (`python -m kernels.bench --help`): Triton vs the grid_sample reference
-and, when importable, the Deformable-DETR CUDA extension. Reports ms, GB/s, ratio to the HBM floor; CSV + plots.
+"""Autotune benchmarks for kernels.msda (`python -m kernels.bench --help`): Triton (plain and fused prologue) vs
+the grid_sample reference and, when importable, the Deformable-DETR CUDA extension. Reports dispatch time and
+CUDA-graph kernel time, GB/s, ratios to the HBM floor and to the L1 gather floor, the first call's time (compile
++ autotune); local (~2 px) and uniform-random offsets; CSV, JSON and plots. Providers or timings that could not
+run are named in the output and in msda_skipped.csv, never dropped silently.
 On a CPU-only machine it runs the Triton interpreter on tiny shapes: those timings mean nothing.
 """
 
 import argparse
 import csv
 import functools
+import json
+import math
 import os
 import statistics
 import time
 
 import torch
 
-from kernels.msda import ms_deform_attn, ms_deform_attn_reference
+from kernels.msda import fused_prologue_reference, ms_deform_attn, ms_deform_attn_fused, ms_deform_attn_reference
 
 # Encoder self-attention of the multi-scale pixel decoder: every pixel of every level is a query (Lq = S).
 SHAPES = {
@@ -42,8 +47,30 @@ def peak_hbm_gbps(device_name, total_bytes):
     return None
 
 
-def make_problem(shape, batch, dtype, device, seed=0):
-    """Inputs as the pixel decoder makes them: each query samples a few pixels around its own location.
+def peak_l1_gbps(device_name):
+    """Aggregate L1 load bandwidth, GB/s: SMs x 128 B/clock x boost clock. The gathers (4 corners x D channels per
+    point) are served from L1/L2, so this, not HBM, bounds the forward when rows of neighbouring queries share
+    pixels. None when unknown."""
+    name = device_name.upper()
+    if "H100" in name or "H200" in name:
+        return (114 if "PCIE" in name else 132) * 128 * 1.98
+    if "A100" in name:
+        return 108 * 128 * 1.41
+    return None
+
+
+def gather_bytes(mode, value, loc):
+    """Bytes the kernel loads through L1 for its corner gathers: 4 corners x D channels per (row, level, point);
+    the backward loads them again (for <grad_out, value>) and scatters as many."""
+    N, Lq, M, L, P, _ = loc.shape
+    fwd = N * Lq * M * L * P * 4 * value.shape[-1] * value.element_size()
+    return fwd if mode == "fwd" else 3 * fwd
+
+
+def make_problem(shape, batch, dtype, device, seed=0, offsets="local"):
+    """Inputs as the pixel decoder makes them: each query samples a few pixels around its own location
+    (offsets="local", ~2 px: neighbouring queries share cache lines), or anywhere in the level ("uniform": the
+    cache-hostile case, what a trained decoder's long-range points approach).
 
     sampling_locations stay fp32 (bf16 cannot address sub-pixel positions on a 256-pixel level); value and
     attention_weights take the benchmarked precision.
@@ -60,8 +87,11 @@ def make_problem(shape, batch, dtype, device, seed=0):
         .reshape(-1, 2) for H, W in spec["levels"]
     ])
     sizes = shapes.flip(-1).float()  # (W, H) per level
-    offsets = torch.randn(batch, S, M, L, P, 2, generator=g) * 2.0 / sizes[:, None, :]  # ~2 pixels
-    loc = refs[None, :, None, None, None, :] + offsets
+    if offsets == "uniform":
+        loc = torch.rand(batch, S, M, L, P, 2, generator=g)
+    else:
+        pixel_offsets = torch.randn(batch, S, M, L, P, 2, generator=g) * 2.0 / sizes[:, None, :]  # ~2 pixels
+        loc = refs[None, :, None, None, None, :] + pixel_offsets
     value = torch.randn(batch, S, M, D, generator=g)
     attn = torch.rand(batch, S, M, L, P, generator=g).flatten(-2).softmax(-1).view(batch, S, M, L, P)
     return (value.to(device, dtype), shapes.to(device), starts.to(device), loc.to(device),
@@ -122,7 +152,30 @@ def provider_fn(provider, mode, problem, deterministic):
 
         return fwd_bwd, []
 
-    if provider == "triton":
+    if provider == "triton_fused":  # prologue inside: offsets in pixels and logits, as the pixel decoder passes
+        refs = torch.full((loc.shape[1], 2), 0.5, device=loc.device)
+        pixel_offsets = (loc - refs[None, :, None, None, None, :]) * shapes.flip(-1).to(loc)[None, None, None, :, None, :]
+        logits = attn.float().clamp_min(1e-6).log().to(attn.dtype)  # softmax(log a) == a for normalised a
+        op = lambda v, o, lg: ms_deform_attn_fused(
+            v, shapes, starts, refs, o, lg, backend="triton", deterministic=deterministic
+        )
+        loc, attn = pixel_offsets, logits
+    elif provider == "triton_native_atomics":  # backward scatters fp16/bf16 atomics straight into grad_value
+        op = lambda v, l, a: ms_deform_attn(v, shapes, starts, l, a, backend="triton", deterministic=False)
+        if mode == "fwd":
+            return (lambda: op(value, loc, attn)), []
+        v, l, a = (x.detach().requires_grad_() for x in (value, loc, attn))
+        grad = torch.randn(v.shape[0], l.shape[1], v.shape[2] * v.shape[3], device=v.device, dtype=v.dtype)
+
+        def native():
+            os.environ["SEGCAP_MSDA_NATIVE_ATOMICS"] = "1"  # read by the backward; set only around this call
+            try:
+                op(v, l, a).backward(grad)
+            finally:
+                os.environ.pop("SEGCAP_MSDA_NATIVE_ATOMICS", None)
+
+        return native, [v, l, a]
+    elif provider == "triton":
         op = lambda v, l, a: ms_deform_attn(
             v, shapes, starts, l, a, backend="triton", deterministic=deterministic
         )
@@ -137,7 +190,8 @@ def provider_fn(provider, mode, problem, deterministic):
 
 
 def time_ms(fn, grad_to_none, on_cuda, cpu_reps):
-    """(median, p20, p80) in ms. triton.testing.do_bench needs a GPU driver; the interpreter gets a CPU timer."""
+    """(median, p20, p80) in ms with Python dispatch included. triton.testing.do_bench needs a GPU driver; the
+    interpreter gets a CPU timer."""
     if on_cuda:
         import triton.testing
 
@@ -153,35 +207,80 @@ def time_ms(fn, grad_to_none, on_cuda, cpu_reps):
     return statistics.median(times), q[0], q[-1]
 
 
+def graph_ms(fn, grad_to_none):
+    """Kernel time without Python dispatch: the call replayed from a CUDA graph (triton.testing's cudagraph bench).
+    At batch 1-2 dispatch (40-80 us) exceeds the kernels (15-40 us): only this column measures them."""
+    import triton.testing
+
+    for t in grad_to_none:
+        t.grad = None
+
+    def step():
+        for t in grad_to_none:
+            t.grad = None
+        fn()
+
+    return float(triton.testing.do_bench_cudagraph(step))
+
+
+def first_call_s(fn, on_cuda):
+    """Seconds of the first call: compile plus autotuning (what a run pays once per shape bucket and dtype)."""
+    if on_cuda:
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    fn()
+    if on_cuda:
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
 class Runner:
-    """Measures each (shape, mode, precision, batch, provider) once; perf_report plots read from the cache."""
+    """Measures each (shape, offsets, mode, precision, batch, provider) once; perf_report plots read the cache."""
 
     def __init__(self, args, on_cuda):
-        self.args, self.on_cuda, self.results = args, on_cuda, {}
+        self.args, self.on_cuda, self.results, self.skipped = args, on_cuda, {}, []
         self.device = "cuda" if on_cuda else "cpu"
         props = torch.cuda.get_device_properties(0) if on_cuda else None
+        self.device_name = props.name if props else "cpu (Triton interpreter)"
         self.peak_gbps = args.hbm_gbps or (peak_hbm_gbps(props.name, props.total_memory) if props else None)
+        self.l1_gbps = args.l1_gbps or (peak_l1_gbps(props.name) if props else None)
 
-    def measure(self, shape, mode, precision, batch, provider):
-        key = (shape, mode, precision, batch, provider)
+    def skip(self, what, why):
+        self.skipped.append({"what": what, "why": why})
+        print(f"SKIPPED {what}: {why}")
+
+    def measure(self, shape, mode, precision, batch, provider, offsets="local"):
+        key = (shape, offsets, mode, precision, batch, provider)
         if key in self.results:
             return self.results[key]
-        problem = make_problem(shape, batch, DTYPES[precision], self.device)
+        problem = make_problem(shape, batch, DTYPES[precision], self.device, offsets=offsets)
         value, _, _, loc, attn = problem
-        row = dict(shape=shape, mode=mode, precision=precision, batch=batch, provider=provider)
+        row = dict(shape=shape, offsets=offsets, mode=mode, precision=precision, batch=batch, provider=provider)
+        nan = float("nan")
+        ms = lo = hi = ms_graph = first_s = nan
         try:
             fn, grads = provider_fn(provider, mode, problem, self.args.deterministic)
+            if provider.startswith("triton"):
+                first_s = first_call_s(fn, self.on_cuda)
             ms, lo, hi = time_ms(fn, grads, self.on_cuda, self.args.cpu_reps)
+            if self.on_cuda:
+                try:
+                    ms_graph = graph_ms(fn, grads)
+                except Exception as e:  # capture can fail (e.g. a host sync inside): say so, keep the row
+                    self.skip(f"cuda-graph timing of {key}", f"{type(e).__name__}: {e}")
         except torch.OutOfMemoryError:
-            ms = lo = hi = float("nan")
+            self.skip(f"{key}", "out of GPU memory")
             torch.cuda.empty_cache()
         if provider == "cuda_ext":  # it reads and writes fp32 whatever the benchmarked precision
             value, attn = value.float(), attn.float()
         out = torch.empty(value.shape[0], loc.shape[1], value.shape[2] * value.shape[3], dtype=value.dtype)
         nbytes = compulsory_bytes(mode, value, loc, attn, out)
-        floor_ms = nbytes / (self.peak_gbps * 1e9) * 1e3 if self.peak_gbps else float("nan")
-        row.update(ms=ms, ms_p20=lo, ms_p80=hi, compulsory_mb=nbytes / 1e6, gbps=nbytes / (ms * 1e6),
-                   floor_ms=floor_ms, x_floor=ms / floor_ms)
+        kernel_ms = ms_graph if not math.isnan(ms_graph) else ms
+        floor_ms = nbytes / (self.peak_gbps * 1e9) * 1e3 if self.peak_gbps else nan
+        l1_ms = gather_bytes(mode, value, loc) / (self.l1_gbps * 1e9) * 1e3 if self.l1_gbps else nan
+        row.update(ms=ms, ms_p20=lo, ms_p80=hi, ms_graph=ms_graph, first_call_s=first_s,
+                   compulsory_mb=nbytes / 1e6, gbps=nbytes / (kernel_ms * 1e6),
+                   floor_ms=floor_ms, x_floor=kernel_ms / floor_ms, l1_floor_ms=l1_ms, x_l1_floor=kernel_ms / l1_ms)
         self.results[key] = row
         return row
 
@@ -190,26 +289,29 @@ def perf_reports(runner, args, providers):
     """One triton.testing.perf_report per (shape, mode, precision, metric): batch on x, one line per provider."""
     import triton.testing
 
-    names = {"triton": "Triton", "reference": "grid_sample", "cuda_ext": "CUDA ext (fp32)"}
+    names = {"triton": "Triton", "triton_fused": "Triton fused prologue", "reference": "grid_sample",
+             "triton_native_atomics": "Triton, native half atomics",
+             "cuda_ext": "CUDA ext (fp32)"}
     benchmarks = [
         triton.testing.Benchmark(
             x_names=["batch"], x_vals=args.batch, line_arg="provider", line_vals=providers,
             line_names=[names[p] for p in providers], ylabel=metric, xlabel="batch",
-            plot_name=f"msda-{shape}-{mode}-{precision}-{metric.replace('/', 'per')}",
-            args=dict(shape=shape, mode=mode, precision=precision, metric=metric),
+            plot_name=f"msda-{shape}-{offsets}-{mode}-{precision}-{metric.replace('/', 'per')}",
+            args=dict(shape=shape, offsets=offsets, mode=mode, precision=precision, metric=metric),
         )
         for shape in args.shapes
+        for offsets in args.offsets
         for mode in args.mode
         for precision in args.precision
-        for metric in ("ms", "GB/s", "x_floor")
+        for metric in ("ms", "ms_graph", "GB/s", "x_floor", "x_l1_floor")
     ]
 
     @triton.testing.perf_report(benchmarks)
-    def bench(batch, provider, shape, mode, precision, metric):
-        row = runner.measure(shape, mode, precision, batch, provider)
+    def bench(batch, provider, shape, offsets, mode, precision, metric):
+        row = runner.measure(shape, mode, precision, batch, provider, offsets)
         if metric == "ms":
             return row["ms"], row["ms_p20"], row["ms_p80"]
-        return row["gbps"] if metric == "GB/s" else row["x_floor"]
+        return row[{"GB/s": "gbps"}.get(metric, metric)]
 
     return bench
 
@@ -259,10 +361,16 @@ def parse_args(argv, on_cuda):
     p.add_argument("--batch", nargs="+", type=int, default=[1, 2, 4, 8] if on_cuda else [1, 2])
     p.add_argument("--precision", nargs="+", choices=list(DTYPES), default=list(DTYPES))
     p.add_argument("--mode", nargs="+", choices=["fwd", "fwd_bwd"], default=["fwd", "fwd_bwd"])
-    p.add_argument("--providers", nargs="+", choices=["triton", "reference", "cuda_ext"],
-                   help="default: triton, reference, and cuda_ext when MultiScaleDeformableAttention imports")
+    p.add_argument("--providers", nargs="+",
+                   choices=["triton", "triton_fused", "triton_native_atomics", "reference", "cuda_ext"],
+                   help="default: triton, triton_fused, reference, and cuda_ext when MultiScaleDeformableAttention "
+                        "imports (its absence is reported as a skip)")
+    p.add_argument("--offsets", nargs="+", choices=["local", "uniform"], default=["local"],
+                   help="sampling offsets: ~2 px around each query (cache-friendly) and/or uniform over the level")
     p.add_argument("--deterministic", action="store_true", help="time the deterministic (atomic-free) backward")
     p.add_argument("--hbm-gbps", type=float, help="peak HBM bandwidth for the floor (default: from the GPU name)")
+    p.add_argument("--l1-gbps", type=float, help="aggregate L1 bandwidth for the gather floor (default: from the name)")
+    p.add_argument("--json", help="also write every row, the skips and the device as one JSON file")
     p.add_argument("--memory-shapes", nargs="*", choices=list(SHAPES), default=["mask2former", "openseed"],
                    help="shapes for the activation-memory table (batch 1; counted, so meaningful on CPU too)")
     p.add_argument("--cpu-reps", type=int, default=2, help="timed repetitions per point in interpreter mode")
@@ -277,20 +385,35 @@ def main(argv=None):
         # Must happen before the Triton kernels are first imported (kernels.msda imports them lazily).
         os.environ.setdefault("TRITON_INTERPRET", "1")
         print(CPU_BANNER)
-    providers = args.providers or ["triton", "reference"] + (["cuda_ext"] if on_cuda and cuda_extension() else [])
-    if "cuda_ext" in providers and not (on_cuda and cuda_extension()):
-        raise SystemExit("cuda_ext needs a GPU and the MultiScaleDeformableAttention package")
+    runner = Runner(args, on_cuda)
+    have_ext = on_cuda and cuda_extension() is not None
+    providers = args.providers or ["triton", "triton_fused", "reference"] + (["cuda_ext"] if have_ext else [])
+    if not have_ext:
+        runner.skip("provider cuda_ext", "no GPU" if not on_cuda else
+                    "MultiScaleDeformableAttention (Deformable-DETR's CUDA extension) is not importable")
+        providers = [p for p in providers if p != "cuda_ext"]
     os.makedirs(args.out_dir, exist_ok=True)
 
     check_against_reference(args.shapes, args.precision, "cuda" if on_cuda else "cpu")
-    runner = Runner(args, on_cuda)
     if runner.peak_gbps is None:
         print("no known HBM peak for this device: x_floor is nan (pass --hbm-gbps)")
+    if runner.l1_gbps is None:
+        print("no known L1 bandwidth for this device: x_l1_floor is nan (pass --l1-gbps)")
     perf_reports(runner, args, providers).run(print_data=True, save_path=args.out_dir)
-    write_csv(os.path.join(args.out_dir, "msda_summary.csv"), list(runner.results.values()))
+    rows = list(runner.results.values())
+    write_csv(os.path.join(args.out_dir, "msda_summary.csv"), rows)
+    write_csv(os.path.join(args.out_dir, "msda_skipped.csv"), runner.skipped or [{"what": "", "why": "nothing skipped"}])
     memory = activation_table(args.memory_shapes, "cuda" if on_cuda else "cpu")
     write_csv(os.path.join(args.out_dir, "msda_activation_memory.csv"), memory)
-    print(f"wrote {args.out_dir}/msda_summary.csv, msda_activation_memory.csv, one CSV + PNG per plot, results.html")
+    if args.json:
+        with open(args.json, "w") as f:
+            clean = [{k: None if isinstance(v, float) and math.isnan(v) else v for k, v in r.items()} for r in rows]
+            json.dump({"device": runner.device_name, "hbm_gbps": runner.peak_gbps, "l1_gbps": runner.l1_gbps,
+                       "rows": clean, "skipped": runner.skipped, "activation_memory": memory}, f, indent=1)
+    print(f"wrote {args.out_dir}/msda_summary.csv, msda_skipped.csv, msda_activation_memory.csv, one CSV + PNG "
+          "per plot, results.html" + (f", {args.json}" if args.json else ""))
+    for item in runner.skipped:
+        print(f"skipped: {item['what']}: {item['why']}")
     if not on_cuda:
         print(CPU_BANNER)
 

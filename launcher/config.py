@@ -15,7 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
 from datapipes.config import DataConfig
-from modeling.config import LLMConfig, MaskDecoderConfig, ModelConfig
+from modeling.config import INIT_KINDS, INIT_PARTS, InitSource, LLMConfig, MaskDecoderConfig, ModelConfig
 
 CONFIG_ROOT = Path(__file__).resolve().parent.parent / "configs"
 GROUPS = ("model", "data")  # sections that a train YAML may pick by name from configs/<group>/
@@ -57,14 +57,25 @@ class TrainConfig:
     # Parameters smaller than this stay whole on every rank under ZeRO-3 (DeepSpeed's default 1e5);
     # the tiny configs set 0 so that every parameter really is partitioned.
     zero3_persistence_threshold: int = 100000
+    # ZeRO++ (stage 3 only; `launcher plan` estimates what each saves): hierarchical partitioning keeps a
+    # secondary copy of the 16-bit weights inside each group of this many GPUs (a node) so that backward
+    # gathers stay off the inter-node network (1: off); quantised weights (int8 all-gather) and gradients
+    # (int4 reduce-scatter) halve / quarter those volumes.
+    zero3_hpz_partition_size: int = 1
+    zero3_quantized_weights: bool = False
+    zero3_quantized_gradients: bool = False
     precision: str = "fp32"  # fp32 | bf16 | fp16
     deepspeed_config: str = "configs/deepspeed/zero3.json"
 
 
 @dataclass
 class EvalConfig:
+    # teacher_forced: one forward pass over the reference conversation (LISA/GLaMM validate; an empty
+    # target then shows nothing and is left out); generate: the model writes its answer (N-acc, captions)
+    mode: str = "teacher_forced"
+    max_samples: int = 512  # over all ranks; 0: no cap
     max_new_tokens: int = 40
-    max_batches: int = 0  # 0: the whole val set
+    max_batches: int = 0  # per rank; 0: the whole val set (up to max_samples)
     num_overlays: int = 8
     mask_threshold: float = 0.0  # on logits
     at_start: bool = False  # also evaluate the untrained model (logged as val_untrained/*)
@@ -78,6 +89,11 @@ class TrackingConfig:
     experiment: str = "segcap"
     run_name: Optional[str] = None
     log_overlays: bool = True
+    # The store is written by a background thread (launcher/spool.py); these bound what rank 0 waits.
+    request_timeout_s: float = 10.0  # one HTTP call to a tracking server (MLFLOW_HTTP_REQUEST_TIMEOUT wins)
+    max_backoff_s: float = 30.0  # retry interval cap while the store is down
+    start_wait_s: float = 5.0  # at start, for the run id (not at all while the store fails)
+    flush_timeout_s: float = 30.0  # at finish/flush: give up draining the spool after this long without progress (ditto)
 
 
 @dataclass
@@ -94,11 +110,14 @@ class RunConfig:
 CHOICES: dict[tuple[type, str], tuple[str, ...]] = {
     (LLMConfig, "train_mode"): ("lora", "full", "frozen"),
     (LLMConfig, "attn_implementation"): ("auto", "sdpa", "eager", "flash_attention_2"),
-    (LLMConfig, "chat_template"): ("vicuna_v1",),
+    (LLMConfig, "chat_template"): ("vicuna_v1", "llama2", "llm"),
     (MaskDecoderConfig, "kind"): ("sam", "multigranular"),
+    (InitSource, "kind"): ("auto", *INIT_KINDS),
+    (DataConfig, "clip_frame"): ("squash", "pad"),
     (ModelConfig, "dtype"): ("float32", "bfloat16", "float16"),
     (OptimConfig, "schedule"): ("cosine", "linear", "constant"),
     (TrainConfig, "precision"): ("fp32", "bf16", "fp16"),
+    (EvalConfig, "mode"): ("teacher_forced", "generate"),
     (TrainConfig, "zero_stage"): (0, 1, 2, 3),
 }
 
@@ -182,6 +201,8 @@ def _check_values(cfg: RunConfig) -> None:
         "data.batch_size": cfg.data.batch_size,
         "data.eval_batch_size": cfg.data.eval_batch_size,
         "data.max_length": cfg.data.max_length,
+        "tracking.request_timeout_s": cfg.tracking.request_timeout_s,
+        "tracking.max_backoff_s": cfg.tracking.max_backoff_s,
     }
     for key, value in positive.items():
         if value <= 0:
@@ -190,6 +211,17 @@ def _check_values(cfg: RunConfig) -> None:
         raise ConfigError(f"data.max_bad_fraction={cfg.data.max_bad_fraction} must be in [0, 1]")
     if not cfg.data.train:
         raise ConfigError("data.train lists no source")
+    zeropp = cfg.train.zero3_hpz_partition_size != 1 or cfg.train.zero3_quantized_weights or cfg.train.zero3_quantized_gradients
+    if zeropp and cfg.train.zero_stage != 3:
+        raise ConfigError(f"train.zero3_hpz_partition_size / zero3_quantized_*: ZeRO++ needs train.zero_stage=3, not {cfg.train.zero_stage}")
+    if cfg.train.zero3_hpz_partition_size < 1:
+        raise ConfigError(f"train.zero3_hpz_partition_size={cfg.train.zero3_hpz_partition_size} must be >= 1 (1: off)")
+    for i, src in enumerate(cfg.model.init_from):
+        if not src.path:
+            raise ConfigError(f"model.init_from[{i}].path is empty")
+        bad = [t for t in src.take if t not in INIT_PARTS]
+        if not src.take or bad:
+            raise ConfigError(f"model.init_from[{i}].take={src.take}: list one or more of {list(INIT_PARTS)}")
     if cfg.model.llm.gguf_file and not cfg.model.llm.path:
         raise ConfigError("model.llm.gguf_file needs model.llm.path (the folder holding it)")
 

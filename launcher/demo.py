@@ -45,6 +45,7 @@ def demo(config: str, overrides: list[str], nproc: int = 2) -> int:
     results = _collect(run_dir, baseline)
     results["train_seconds"] = round(train_s, 1)
     (run_dir / "demo_results.json").write_text(json.dumps(results, indent=2))
+    _log_table(cfg, run_dir, results)
     print(_table(results))
     uri = cfg.tracking.tracking_uri or default_tracking_uri(run_dir)
     print(f"\nOverlays: {run_dir / 'overlays'}\nCheckpoints: {run_dir / 'checkpoints'}")
@@ -55,10 +56,9 @@ def demo(config: str, overrides: list[str], nproc: int = 2) -> int:
 def _text_blind_baseline(cfg, run_dir: Path) -> dict[str, float]:
     """Scored in this process, logged into the demo's MLflow run."""
     from launcher.dist import identity
-    from launcher.evaluate import Evaluator
+    from launcher.eval.evaluator import Evaluator
     from launcher.tokenizer import make_tokenizer
     from launcher.tracking import Tracker
-    from modeling.llm import SPECIAL_TOKENS
 
     tracker = Tracker(cfg.tracking, run_dir, active=True)
     run_id_file = run_dir / "mlflow_run_id"
@@ -68,13 +68,24 @@ def _text_blind_baseline(cfg, run_dir: Path) -> dict[str, float]:
         tracker.active = False
     info = identity({})
     num_image_tokens = (cfg.model.vision.image_size // cfg.model.vision.patch_size) ** 2
-    tokenizer = make_tokenizer(cfg.model.llm)
-    # The loader needs the model's special tokens; no model is built here, so add them as build_model does.
-    tokenizer.add_special_tokens({"additional_special_tokens": list(SPECIAL_TOKENS)})
+    tokenizer = make_tokenizer(cfg.model.llm)  # with the special tokens the loader needs
     ev = Evaluator(cfg, tokenizer, info, run_dir, tracker, num_image_tokens=num_image_tokens)
     metrics = ev.run_baseline(step=cfg.train.steps)
     tracker.flush()
     return metrics
+
+
+def _log_table(cfg, run_dir: Path, results: dict) -> None:
+    """The results table as an MLflow table of the demo's run (one row per model)."""
+    from launcher.tracking import Tracker
+
+    tracker = Tracker(cfg.tracking, run_dir, active=(run_dir / "mlflow" / "attempt.json").exists())
+    models = results["models"]
+    cols = sorted({c for m in models.values() for c in m})
+    table = {"model": list(models), **{c: [models[m].get(c) for m in models] for c in cols}}
+    tracker.attach()
+    tracker.log_table(table, "demo_results.json")
+    tracker.flush()
 
 
 def _collect(run_dir: Path, baseline: dict[str, float]) -> dict:

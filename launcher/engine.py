@@ -37,6 +37,9 @@ def render_ds_config(cfg: RunConfig, info: DistInfo) -> dict[str, Any]:
         "fp16.enabled": cfg.train.precision == "fp16",
         "zero_optimization.stage": cfg.train.zero_stage,
         "zero_optimization.stage3_param_persistence_threshold": cfg.train.zero3_persistence_threshold,
+        "zero_optimization.zero_hpz_partition_size": cfg.train.zero3_hpz_partition_size,
+        "zero_optimization.zero_quantized_weights": cfg.train.zero3_quantized_weights,
+        "zero_optimization.zero_quantized_gradients": cfg.train.zero3_quantized_gradients,
     }
     _fill(ds, auto)
     return ds

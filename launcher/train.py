@@ -20,7 +20,7 @@ import yaml
 from launcher import checkpoint, dist
 from launcher.config import RunConfig, flatten, to_dict
 from launcher.engine import build_run, render_ds_config
-from launcher.tracking import Tracker, run_tags
+from launcher.tracking import Tracker, dataset_inputs, run_params, run_tags
 
 EXIT_OK = 0
 EXIT_REQUEUE = 3  # "checkpoint saved, run me again": slurm/*.sh requeues the job on this code
@@ -54,7 +54,7 @@ HOLD_TIMEOUT_S = 600.0
 
 def train(cfg: RunConfig) -> int:
     from datapipes.loader import build_train_loader
-    from launcher.evaluate import Evaluator
+    from launcher.eval.evaluator import Evaluator
 
     t_start = time.time()
     info = dist.identity()
@@ -66,6 +66,7 @@ def train(cfg: RunConfig) -> int:
     torch.manual_seed(cfg.train.seed + info.rank)
 
     ds_config = render_ds_config(cfg, info)
+    flops = _flop_model(cfg, info)  # before build_run: with ZeRO-3 on, transformers would build it partitioned
     tokenizer, model, engine = build_run(cfg, ds_config)
 
     # --- resume
@@ -76,7 +77,8 @@ def train(cfg: RunConfig) -> int:
         start_step, run_id = state["step"], state.get("mlflow_run_id")
         log0(info, f"resumed from {resume_from} at step {start_step}")
     tracker = Tracker(cfg.tracking, run_dir, active=info.is_main)
-    run_id = tracker.start(run_id or _env_run_id(), flatten(to_dict(cfg)), run_tags(info.world_size))
+    params = run_params(flatten(to_dict(cfg)), ds_config, info.world_size) if info.is_main else {}
+    run_id = tracker.start(run_id or _env_run_id(), params, run_tags(info.world_size))
     if info.is_main:
         _write_run_files(cfg, ds_config, run_dir, tracker, fresh=resume_from is None)
 
@@ -99,28 +101,45 @@ def train(cfg: RunConfig) -> int:
 
     # --- loop
     hold_at = int(os.environ.get(HOLD_ENV, "0"))
-    meter = _Meter()
+    from datapipes.loader import REASONS
+
+    skip_keys = [f"{src.name}/{r}" for src in cfg.data.train for r in REASONS]  # the same on every rank
+    skipped_total: dict[str, float] = {}
+    meter = _Meter(skip_keys, flops)
     step = start_step
     engine.train()
     while step < cfg.train.steps:
         t0 = time.time()
         for _ in range(cfg.train.grad_accum):
+            t = time.time()
             batch = next(stream)
+            t_data = time.time()
             out = engine(**batch.to(info.device).model_inputs())
             engine.backward(out.loss)
+            _sync(info)
+            t_fwd_bwd = time.time()
             engine.step()
+            _sync(info)
+            meter.split(t_data - t, t_fwd_bwd - t_data, time.time() - t_fwd_bwd)
             meter.add(out, batch)
         step += 1
         meter.time += time.time() - t0
 
         if step % cfg.train.log_every == 0 or step == cfg.train.steps:
             metrics = meter.reduce(info, engine)
-            metrics["lr"] = engine.get_lr()[0]
+            lrs = engine.get_lr()
+            metrics["lr"] = lrs[0]
+            metrics.update({f"lr/group{i}": lr for i, lr in enumerate(lrs)} if len(lrs) > 1 else {})
             tracker.log_metrics(metrics, step)
             if info.is_main:
                 _append_jsonl(run_dir / "metrics.jsonl", {"step": step, **metrics})
                 print(_progress(step, cfg.train.steps, metrics, t_start), flush=True)
-            meter = _Meter()
+                if any(k.startswith("data/skipped/") for k in metrics):
+                    for k, v in metrics.items():
+                        if k.startswith("data/skipped/"):
+                            skipped_total[k[13:]] = skipped_total.get(k[13:], 0) + v
+                    log0(info, "data skipped so far (source/reason): " + ", ".join(f"{k}={v:.0f}" for k, v in sorted(skipped_total.items())))
+            meter = _Meter(skip_keys, flops)
         if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < cfg.train.steps:
             evaluator.run(engine.module, step=step)
             engine.train()
@@ -132,7 +151,7 @@ def train(cfg: RunConfig) -> int:
         preempt = dist.all_agree(stop.signum is not None or over_budget, info.device)
         if preempt or step % cfg.train.save_every == 0 or step == cfg.train.steps:
             checkpoint.save(
-                engine, ckpt_dir, step, {"step": step, "mlflow_run_id": run_id}, info, cfg.train.keep_checkpoints
+                engine, ckpt_dir, step, {"step": step, "mlflow_run_id": tracker.run_id}, info, cfg.train.keep_checkpoints
             )
         if preempt and step < cfg.train.steps:
             why = f"signal {stop.signum}" if stop.signum is not None else "time budget"
@@ -150,13 +169,20 @@ def train(cfg: RunConfig) -> int:
 class _Meter:
     """Sums the loss terms and counts of the micro-steps since the last log."""
 
-    def __init__(self) -> None:
+    def __init__(self, skip_keys: list[str], flops=None) -> None:
+        self.flops = flops  # launcher.fake_model.FlopModel (rank 0), for TFLOP/s and MFU
+        self.seconds = [0.0, 0.0, 0.0]  # data wait, forward + backward, optimizer step
         self.sums: dict[str, float] = {}
         self.n = 0
         self.samples = 0
         self.tokens = 0
-        self.skipped = 0
+        self.skip_keys = skip_keys  # "source/reason", the same list on every rank (they all-reduce)
+        self.skipped: dict[str, int] = {}
+        self.cut = 0
         self.time = 0.0
+
+    def split(self, data: float, fwd_bwd: float, optimizer: float) -> None:
+        self.seconds = [a + b for a, b in zip(self.seconds, (data, fwd_bwd, optimizer))]
 
     def add(self, out, batch) -> None:
         self.n += 1
@@ -164,12 +190,15 @@ class _Meter:
             self.sums[k] = self.sums.get(k, 0.0) + float(v)
         self.samples += int(batch.input_ids.shape[0])
         self.tokens += int(batch.attention_mask.sum())
-        self.skipped += sum(batch.skipped.values()) if batch.skipped else 0
+        for k, v in batch.skipped.items():
+            self.skipped[k] = self.skipped.get(k, 0) + v
+        self.cut += batch.cut
 
     def reduce(self, info: dist.DistInfo, engine) -> dict[str, float]:
         """Mean of each term over ranks and micro-steps; throughput summed over ranks."""
         keys = sorted(self.sums)
-        vec = torch.tensor([self.sums[k] / self.n for k in keys] + [self.samples, self.tokens, self.skipped])
+        skips = [self.skipped.get(k, 0) for k in self.skip_keys]
+        vec = torch.tensor([self.sums[k] / self.n for k in keys] + [self.samples, self.tokens, self.cut] + skips)
         mem = torch.tensor([_memory_bytes(info)], dtype=torch.float64)
         if torch.distributed.is_initialized():
             vec, mem = vec.to(info.device), mem.to(info.device)
@@ -177,16 +206,56 @@ class _Meter:
             torch.distributed.all_reduce(mem, op=torch.distributed.ReduceOp.MAX)
         vec = vec.cpu().tolist()
         out = {f"train/{k}": vec[i] / info.world_size for i, k in enumerate(keys)}
-        samples, tokens, skipped = vec[len(keys) :]
+        samples, tokens, cut = vec[len(keys) : len(keys) + 3]
+        skips = dict(zip(self.skip_keys, vec[len(keys) + 3 :]))
+        # This rank's split, like its step time (a rank that logs makes the others wait inside their step).
+        data_s, fwd_bwd_s, opt_s = (v / max(1, self.n) for v in self.seconds)
+        out["perf/data_wait_s"], out["perf/forward_backward_s"], out["perf/optimizer_step_s"] = data_s, fwd_bwd_s, opt_s
+        if self.flops is not None:
+            tflops = self.flops.of(samples, tokens) / max(self.time, 1e-9) / info.world_size / 1e12
+            out["perf/tflops_per_gpu"] = tflops
+            peak = _peak_tflops(info)
+            if peak:
+                out["perf/mfu"] = tflops / peak
         out["perf/samples_per_s"] = samples / max(self.time, 1e-9)
         out["perf/tokens_per_s"] = tokens / max(self.time, 1e-9)
         out["perf/step_time_s"] = self.time / max(1, self.n)
         out["perf/memory_gb"] = float(mem.item()) / 2**30
-        out["data/skipped"] = skipped
+        out["data/skipped"] = sum(skips.values())
+        out.update({f"data/skipped/{k}": v for k, v in skips.items() if v})  # per source and reason
+        out["data/cut"] = cut  # answers cut at a phrase boundary to fit data.max_length
         grad_norm = engine.get_global_grad_norm()
         if grad_norm is not None:
             out["train/grad_norm"] = float(grad_norm)
         return out
+
+
+def _flop_model(cfg: RunConfig, info: dist.DistInfo):
+    """Rank 0's FLOPs per batch from the model's own forward on fake weights (launcher/fake_model.py, the
+    `count` and `plan` figures); a count that fails costs the MFU metric, never the run."""
+    if not info.is_main:
+        return None
+    from launcher.fake_model import flop_model
+
+    try:
+        return flop_model(cfg)
+    except Exception as e:  # noqa: BLE001  (any failure of the fake run: logged, the run goes on)
+        log0(info, f"no FLOPs count, so no MFU metric: {type(e).__name__}: {e}")
+        return None
+
+
+def _peak_tflops(info: dist.DistInfo) -> float | None:
+    if info.backend != "nccl":
+        return None  # CPU runs: TFLOP/s only
+    from launcher.plan import peak_tflops
+
+    return peak_tflops(torch.cuda.get_device_name())
+
+
+def _sync(info: dist.DistInfo) -> None:
+    """Wait for the GPU so the step's time split is real (kernels run asynchronously)."""
+    if info.backend == "nccl":
+        torch.cuda.synchronize()
 
 
 def _memory_bytes(info: dist.DistInfo) -> float:
@@ -212,11 +281,10 @@ def _append_jsonl(path: Path, row: dict) -> None:
 def _write_run_files(cfg: RunConfig, ds_config: dict, run_dir: Path, tracker: Tracker, fresh: bool) -> None:
     (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
     (run_dir / "deepspeed.json").write_text(json.dumps(ds_config, indent=2))
-    if tracker.run_id:
-        (run_dir / "mlflow_run_id").write_text(tracker.run_id)
-    if fresh:
+    if fresh:  # (run_dir/mlflow_run_id is written once the store has the run: launcher/spool.py)
         tracker.log_artifact(run_dir / "config.yaml", "config")
         tracker.log_artifact(run_dir / "deepspeed.json", "config")
+        tracker.log_inputs(dataset_inputs(cfg.data.train, "train") + dataset_inputs(cfg.data.val, "eval"))
 
 
 def _env_run_id() -> str | None:

@@ -1,5 +1,5 @@
-"""build_model: assemble LLM (+ special tokens, new-row training, LoRA), CLIP tower, SAM and the query
-MLP (sam decoder) or the multi-granularity decoder from a ModelConfig, and decide once what trains. Random weights are a function of cfg.init_seed only,
+"""build_model: assemble LLM (+ special tokens, new-row training, LoRA), CLIP tower, SAM and the mask
+decoder (modeling/mask_decoder.py) from a ModelConfig, and decide once what trains. Random weights are a function of cfg.init_seed only,
 so frozen parts are rebuilt identically by every run and every rank instead of being checkpointed."""
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from modeling.llm import add_special_tokens, apply_lora, attach_new_token_rows, 
 from modeling.model import SegCapModel
 from modeling.sam import SamSegmenter
 from modeling.vision import VisionTower
+from modeling.weights import load_init_from
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -42,20 +43,14 @@ def build_model(cfg: ModelConfig, tokenizer, dschf=None) -> SegCapModel:
         torch.manual_seed(cfg.init_seed + 4)
         model = SegCapModel(cfg, llm, vision, segmenter, tokenizer, token_ids)
     _set_trainable(model, cfg)
+    load_init_from(model, cfg)  # after _set_trainable: a segcap run's checkpoint holds trainable weights only
     return model
 
 
 def _set_trainable(model: SegCapModel, cfg: ModelConfig) -> None:
     model.requires_grad_(False)
     model.vision.projector.requires_grad_(True)
-    if model.mg is not None:
-        # The query generator always trains (as text_hidden_fcs); the rest of the multi-granularity
-        # decoder with mask_decoder.train. SAM's own mask decoder is not used by this kind.
-        model.mg.queries.requires_grad_(True)
-        if cfg.mask_decoder.train:
-            model.mg.requires_grad_(True)
-    else:
-        model.text_hidden_fcs.requires_grad_(True)
+    model.mask_decoder.set_trainable(cfg.mask_decoder.train)
     if cfg.llm.train_mode == "lora":
         for name, p in model.llm.named_parameters():
             if "lora_" in name:
@@ -66,10 +61,5 @@ def _set_trainable(model: SegCapModel, cfg: ModelConfig) -> None:
         model.llm.requires_grad_(True)
     if not cfg.vision.freeze:
         model.vision.clip.requires_grad_(True)
-    if cfg.mask_decoder.train and model.mg is None:
-        decoder = model.segmenter.decoder
-        decoder.requires_grad_(True)
-        # Its output (mask quality) is unused here: it would never receive a gradient.
-        decoder.iou_prediction_head.requires_grad_(False)
     if not cfg.pixel_encoder.freeze:
         model.segmenter.sam.vision_encoder.requires_grad_(True)

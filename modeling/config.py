@@ -26,7 +26,7 @@ class LLMConfig:
     # "synthetic": the word-level tokenizer of the synthetic dataset; "llm": load from `path`;
     # anything else: a local tokenizer folder.
     tokenizer: str = "synthetic"
-    chat_template: str = "vicuna_v1"
+    chat_template: str = "vicuna_v1"  # vicuna_v1 | llama2 | llm (the tokenizer's own): datapipes/templates.py
     # The checkpoint's vocabulary (before the special tokens), for building it without weights
     # (`launcher count`); 0: the tokenizer's. Random-init models always take the tokenizer's.
     vocab_size: int = 0
@@ -149,6 +149,22 @@ class LossConfig:
     exists: float = 1.0  # BCE of "the instruction's target is in the image" (gRefCOCO empty targets)
 
 
+# model.init_from vocabulary (modeling/weights.py): what a source is, and the parts of the model it can give.
+INIT_KINDS = ("segcap", "export", "llava", "llava_hf", "sam")
+INIT_PARTS = ("llm", "lora", "token_rows", "vision", "projector", "seg_mlp", "sam_encoder", "decoder")
+
+
+@dataclass
+class InitSource:
+    """One entry of model.init_from (modeling/weights.py): weights copied into the built model."""
+
+    path: str = ""  # a segcap run dir or export, a LLaVA-1.5 folder (either layout), a segment-anything .pth
+    kind: str = "auto"  # auto (from what is at `path`) | segcap | export | llava | llava_hf | sam
+    # Parts to copy: llm, lora, token_rows, vision, projector, seg_mlp, sam_encoder, decoder. Each must
+    # be complete in the source (for a segcap run: every parameter of it that trains in this model).
+    take: list[str] = field(default_factory=list)
+
+
 @dataclass
 class ModelConfig:
     name: str = "tiny"
@@ -159,3 +175,6 @@ class ModelConfig:
     pixel_encoder: PixelEncoderConfig = field(default_factory=PixelEncoderConfig)
     mask_decoder: MaskDecoderConfig = field(default_factory=MaskDecoderConfig)
     loss: LossConfig = field(default_factory=LossConfig)
+    # Applied in order after the model is built (later entries overwrite earlier ones), e.g. SAM from
+    # sam_vit_h_4b8939.pth, then the projector of stage 1's run.
+    init_from: list[InitSource] = field(default_factory=list)

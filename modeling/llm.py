@@ -42,7 +42,7 @@ def load_llm(cfg: LLMConfig, tokenizer, dtype: torch.dtype) -> LlamaForCausalLM:
         llm = LlamaForCausalLM.from_pretrained(cfg.path, dtype=dtype, attn_implementation=attn, **kwargs)
     else:
         config = LlamaConfig(
-            vocab_size=len(tokenizer),
+            vocab_size=vocab_before_special_tokens(tokenizer),
             hidden_size=cfg.hidden_size,
             num_hidden_layers=cfg.num_layers,
             num_attention_heads=cfg.num_heads,
@@ -61,27 +61,34 @@ def load_llm(cfg: LLMConfig, tokenizer, dtype: torch.dtype) -> LlamaForCausalLM:
     return llm
 
 
+def vocab_before_special_tokens(tokenizer) -> int:
+    """The tokenizer's vocabulary without segcap's additions (launcher/tokenizer.py adds them at the end):
+    the rows a pretrained LLM brings, and the size of a random one (whose new rows then start like a
+    pretrained one's)."""
+    vocab = tokenizer.get_vocab()
+    return min([vocab[t] for t in SPECIAL_TOKENS if t in vocab] + [len(tokenizer)])
+
+
 def add_special_tokens(tokenizer, model: LlamaForCausalLM) -> dict[str, int]:
-    """Add the four tokens the tokenizer lacks (ids old_len + i, in SPECIAL_TOKENS order), grow the
-    embeddings to cover them, and set each added row of embed_tokens/lm_head to the mean of the old rows.
+    """Give the four tokens rows: add those the tokenizer lacks (launcher/tokenizer.py has added them
+    already; other callers may not have), grow the embeddings to len(tokenizer), and set every row past
+    the LLM's own (ids >= its old row count) in embed_tokens/lm_head to the mean of the old rows. Rows
+the LLM already has for them (an exported segcap model) are kept.
 
     resize_token_embeddings gathers ZeRO-3 parameters by itself (an outer GatheredParameters would
     overlap it and raise), so the new rows are written in a second, separate gather.
     """
-    old_len = len(tokenizer)
     vocab = tokenizer.get_vocab()
-    added = [t for t in SPECIAL_TOKENS if t not in vocab]
-    tokenizer.add_tokens(added, special_tokens=True)
+    tokenizer.add_tokens([t for t in SPECIAL_TOKENS if t not in vocab], special_tokens=True)
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
-    for i, t in enumerate(added):
-        if ids[t] != old_len + i:
-            raise RuntimeError(f"{t!r} got id {ids[t]}, expected {old_len + i}")
+    old_len = model.get_input_embeddings().num_embeddings
+    new_ids = sorted(i for i in ids.values() if i >= old_len)
+    if new_ids != list(range(old_len, old_len + len(new_ids))):
+        raise RuntimeError(f"special token ids {ids} do not follow the LLM's {old_len} rows (tokenizer length {len(tokenizer)})")
 
-    rows = model.get_input_embeddings().num_embeddings
-    if len(tokenizer) > rows:
+    if len(tokenizer) > old_len:
         # mean_resizing=False: its covariance sampling is wasted work, the rows are overwritten below.
         model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
-    new_ids = [ids[t] for t in added]
     if new_ids:
         weights = [model.get_input_embeddings().weight]
         head = model.get_output_embeddings().weight

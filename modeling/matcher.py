@@ -7,6 +7,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
+from torch._subclasses.fake_tensor import is_fake
 
 from modeling.config import MatchCostConfig
 
@@ -90,6 +91,9 @@ def match_cost(
 def hungarian_match(cost: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Rows (predictions) and columns (instances) of the minimum-cost assignment of a (num, G) cost;
     min(num, G) pairs, returned in column order."""
+    if is_fake(cost):  # `launcher plan` runs the model on fake tensors: shapes only, any assignment will do
+        k = min(cost.shape)
+        return torch.arange(k), torch.arange(k)
     rows, cols = linear_sum_assignment(cost.detach().cpu().numpy())
     order = cols.argsort()
     return torch.as_tensor(rows[order], dtype=torch.long), torch.as_tensor(cols[order], dtype=torch.long)

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 from transformers.utils import ModelOutput
 
-from kernels.msda import ms_deform_attn
+from kernels.msda import ms_deform_attn_fused
 from kernels.msda.op import BACKENDS
 from modeling.config import PixelDecoderConfig
 
@@ -95,13 +95,12 @@ class MSDeformAttn(nn.Module):
         n, lq, dim = query.shape
         m, lv, p = self.heads, self.levels, self.points
         v = self.value_proj(value).view(n, value.shape[1], m, dim // m)
-        offsets = self.sampling_offsets(query).view(n, lq, m, lv, p, 2)
-        # softmax over the L*P samples of each head (taken over dim -2: much faster on CPU than over a short last dim)
-        logits = self.attention_weights(query).view(n, lq, m, lv * p).transpose(-1, -2)
-        weights = logits.softmax(-2).transpose(-1, -2).reshape(n, lq, m, lv, p)
-        normalizer = spatial_shapes.flip(-1).to(offsets.dtype)  # (L, 2) as (W, H): offsets are in pixels of each level
-        loc = reference_points[None, :, None, None, None, :] + offsets / normalizer[None, None, None, :, None, :]
-        out = ms_deform_attn(v, spatial_shapes, level_start_index, loc, weights, backend=self.backend)
+        offsets = self.sampling_offsets(query).view(n, lq, m, lv, p, 2)  # in pixels of each level
+        logits = self.attention_weights(query).view(n, lq, m, lv, p)  # softmax over each head's L*P samples
+        # locations and the softmax are computed inside the Triton kernel (kernels.msda.ms_deform_attn_fused);
+        # the reference backend computes them in PyTorch first, as Deformable DETR does
+        out = ms_deform_attn_fused(v, spatial_shapes, level_start_index, reference_points, offsets, logits,
+                                   backend=self.backend)
         return self.output_proj(out)
 
 

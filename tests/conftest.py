@@ -13,6 +13,9 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 # pytest.ini so either file alone is enough.
 from slurm_cluster import _slurm_1node_session, _slurm_2node_session, slurm_1node, slurm_2node  # noqa: F401
 
+# --- MLflow tests: mlflow_server is a real tracking server on PostgreSQL (tests/mlflow_stack.py), one per session.
+from mlflow_stack import mlflow_server  # noqa: F401,E402
+
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "slurm: starts a real Slurm cluster (root, Debian slurm packages)")

@@ -42,7 +42,7 @@ def data(tmp_path_factory):
 
 def config(train_path, val_path, **kw) -> DataConfig:
     base = dict(train=[SourceConfig(name="syn", path=train_path)], val=[SourceConfig(name="syn_val", path=val_path)],
-                batch_size=4, eval_batch_size=8, num_workers=0, shuffle_buffer=32)
+                batch_size=4, eval_batch_size=8, num_workers=0)
     return DataConfig(**{**base, **kw})
 
 
@@ -173,7 +173,7 @@ def test_sources_are_mixed_by_weight(tmp_path, tok, data):
 
 # --- bad samples --------------------------------------------------------------------------------
 
-def write_with_bad_samples(folder, n_good=20):
+def write_with_bad_samples(folder, n_good=20, after=(3, 8, 13)):
     """A shard of n_good valid samples with a corrupt PNG, a broken JSON and a [SEG]/mask mismatch in between."""
     folder.mkdir(parents=True, exist_ok=True)
     good = list(generate(n_good, seed=3, prefix="good"))
@@ -192,7 +192,7 @@ def write_with_bad_samples(folder, n_good=20):
     with wds.TarWriter(str(folder / "shard-000000.tar")) as w:
         for i, (key, image, sample) in enumerate(good):
             w.write({"__key__": key, "png": image_bytes(image), "json": sample.to_json()})
-            if i in (3, 8, 13):
+            if i in after:
                 w.write(bad.pop(0))
     total = n_good + 3
     (folder / "manifest.json").write_text(json.dumps({"shards": [{"url": "shard-000000.tar", "count": total}], "total": total}))
@@ -209,17 +209,18 @@ def image_bytes(image) -> bytes:
 
 def test_bad_samples_are_skipped_and_counted_by_reason(tmp_path, tok, data):
     good = write_with_bad_samples(tmp_path / "bad")
-    cfg = config(str(tmp_path / "bad"), data[1], shuffle_buffer=0, max_bad_fraction=0.5)
-    batches = train_batches(cfg, tok, 5)  # exactly one pass over the shard: 20 good samples
-    assert sorted(k for b in batches for k in b.keys) == sorted(good)
-    total = sum((Counter(b.skipped) for b in batches), Counter())
-    assert total == {"image": 1, "json": 1, "invalid": 1}
+    cfg = config(str(tmp_path / "bad"), data[1], max_bad_fraction=0.5)
+    cfg.open_shards, cfg.batch_size = 1, 23  # one batch is exactly one pass over the shard's 23 samples
+    (batch,) = train_batches(cfg, tok, 1)
+    assert sorted(batch.keys) == sorted(good)  # the bad ones leave the batch short, not refilled
+    total = Counter(batch.skipped)
+    assert total == {"syn/image": 1, "syn/json": 1, "syn/invalid": 1}
 
 
 @pytest.mark.parametrize("num_workers", [0, 1])
 def test_too_many_bad_samples_raise_a_data_error_naming_why(tmp_path, tok, data, num_workers):
     write_with_bad_samples(tmp_path / "bad")
-    cfg = config(str(tmp_path / "bad"), data[1], shuffle_buffer=0, max_bad_fraction=0.05, num_workers=num_workers)
+    cfg = config(str(tmp_path / "bad"), data[1], max_bad_fraction=0.05, num_workers=num_workers)
     with pytest.raises(DataError) as e:
         train_batches(cfg, tok, 100)
     msg = str(e.value)
@@ -233,4 +234,128 @@ def test_eval_replaces_bad_samples_with_fillers_keeping_the_count(tmp_path, tok,
     batches = eval_pass(cfg, tok, 0, 1)
     assert sum(len(b) for b in batches) == 23
     assert sorted(k for b in batches for k, p in zip(b.keys, b.is_padding) if not p) == sorted(good)
-    assert sum((Counter(b.skipped) for b in batches), Counter()) == {"image": 1, "json": 1, "invalid": 1}
+    assert sum((Counter(b.skipped) for b in batches), Counter()) == {"syn_val/image": 1, "syn_val/json": 1, "syn_val/invalid": 1}
+
+
+# --- resume without replay, slots, over-length, pixels --------------------------------------------
+
+def test_resume_at_step_k_decodes_no_sample_of_the_steps_before(data, tok, monkeypatch):
+    from datapipes.loader import Decoder
+
+    decoded = []
+    real = Decoder.__call__
+
+    def counting(self, raw):
+        decoded.append(raw["__key__"])
+        return real(self, raw)
+
+    monkeypatch.setattr(Decoder, "__call__", counting)
+    cfg = config(*data)
+    full = train_batches(cfg, tok, 12, seed=5)
+    decoded.clear()
+    resumed = train_batches(cfg, tok, 2, seed=5, start_step=10)
+    assert [b.keys for b in resumed] == [b.keys for b in full[10:]]
+    assert all(torch.equal(a.sam_pixels, b.sam_pixels) for a, b in zip(resumed, full[10:]))
+    assert decoded == [k for b in resumed for k in b.keys]  # the 40 samples of steps 0-9 were never decoded
+
+
+def test_more_reader_slots_than_shards_is_said_at_start(data, tok, capsys):
+    cfg = config(*data, num_workers=3)  # 4 ranks x 3 workers = 12 slots, 8 shards
+    from datapipes.loader import TrainStream
+
+    TrainStream(cfg, tok, rank=0, world_size=4, seed=0, start_step=0, **SIZES)
+    err = capsys.readouterr().err
+    assert "WARNING data: source 'syn' has 8 shard(s) for 12 reader slots (ranks x workers)" in err
+    TrainStream(cfg, tok, rank=1, world_size=4, seed=0, start_step=0, **SIZES)  # said once, by rank 0
+    TrainStream(config(*data), tok, rank=0, world_size=2, seed=0, start_step=0, **SIZES)  # 2 slots: enough
+    assert capsys.readouterr().err == ""
+
+
+def long_answer_sample(n_masks=3, question="Segment the stripes."):
+    from datapipes.schema import Sample, mask_ann
+
+    image = np.full((32, 32, 3), 90, np.uint8)
+    masks = [np.zeros((32, 32), np.uint8) for _ in range(n_masks)]
+    for i, m in enumerate(masks):
+        m[i * 8 : i * 8 + 6, 2:30] = 1
+    answer = "Sure, " + ", ".join(f"<p> stripe {i} </p> [SEG]" for i in range(n_masks)) + "."
+    sample = Sample("multi_referring", [{"role": "user", "content": "<image>\n" + question},
+                                        {"role": "assistant", "content": answer}],
+                    [mask_ann(m, f"stripe {i}") for i, m in enumerate(masks)], [32, 32], {"dataset": "t", "id": "0"})
+    return image, sample, masks
+
+
+def raw_sample(key, image, sample) -> dict:
+    return {"__key__": key, "__url__": "mem", "png": image_bytes(image), "json": sample.to_json().encode()}
+
+
+def test_over_length_answer_is_cut_and_keeps_exactly_the_masks_of_its_kept_segs(tok):
+    from datapipes.loader import Decoder
+    from datapipes.text import image_token_id, tokenize_conversation
+
+    image, sample, masks = long_answer_sample()
+    two = [sample.conversation[0], {"role": "assistant", "content": "Sure, <p> stripe 0 </p> [SEG], <p> stripe 1 </p> [SEG]"}]
+    limit = len(tokenize_conversation(two, tok, image_id=image_token_id(tok), num_image_tokens=16, max_length=10**6).input_ids)
+    decode = Decoder(tok, num_image_tokens=16, max_length=limit)
+    ex = decode(raw_sample("long", image, sample))
+    seg = tok.convert_tokens_to_ids("[SEG]")
+    assert ex.tokens.input_ids.count(seg) == 2 and len(ex.masks) == 2 and decode.cut == 1
+    assert np.array_equal(ex.masks, np.stack(masks[:2]))
+
+
+def test_uncuttable_sample_is_dropped_as_too_long_counted_apart_from_corrupt_ones(tmp_path, tok, data):
+    image, sample, _ = long_answer_sample(question="Segment the stripes. " * 40)  # the prompt alone is too long
+    folder = tmp_path / "long"
+    write_shards([("long", image, sample)] + list(generate(7, seed=4, prefix="ok")), folder, maxcount=100)
+    cfg = config(str(folder), data[1], batch_size=8, open_shards=1, max_bad_fraction=0.9)
+    (batch,) = train_batches(cfg, tok, 1)
+    assert "long" not in batch.keys and len(batch) == 7
+    assert batch.skipped == {"syn/too_long": 1}
+
+
+@pytest.mark.parametrize("num_workers", [0])
+def test_pixels_normalised_on_device_equal_the_loader_normalised_ones(data, tok, num_workers):
+    cpu = train_batches(config(*data), tok, 2, seed=3)
+    dev = train_batches(config(*data, normalize_on_device=True), tok, 2, seed=3)
+    for a, b in zip(cpu, dev):
+        assert b.clip_pixels.dtype == b.sam_pixels.dtype == torch.uint8  # what the workers hand over
+        ia, ib = a.model_inputs(), b.model_inputs()  # runs where the batch is: here the CPU, in training the GPU
+        torch.testing.assert_close(ib["clip_pixels"], ia["clip_pixels"], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(ib["sam_pixels"], ia["sam_pixels"], atol=1e-5, rtol=1e-5)
+
+
+def test_large_jpeg_is_decoded_reduced_and_still_fills_the_sam_frame(tok):
+    from PIL import Image
+
+    from datapipes.collate import collate
+    from datapipes.loader import Decoder
+    from datapipes.schema import Sample, mask_ann
+
+    yy, xx = np.mgrid[0:400, 0:600]
+    image = np.stack([xx % 256, yy % 256, (xx + yy) % 256], -1).astype(np.uint8)
+    mask = np.zeros((400, 600), np.uint8)
+    mask[100:300, 150:450] = 1
+    sample = Sample("referring", [{"role": "user", "content": "<image>\nSegment it."},
+                                  {"role": "assistant", "content": "<p> it </p> [SEG]."}],
+                    [mask_ann(mask, "it")], [400, 600], {"dataset": "t", "id": "0"})
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, format="JPEG", quality=95)
+    raw = {"__key__": "big", "__url__": "mem", "jpg": buf.getvalue(), "json": sample.to_json().encode()}
+    reduced = Decoder(tok, num_image_tokens=16, max_length=200, target_side=48, min_side=32)(raw)
+    full = Decoder(tok, num_image_tokens=16, max_length=200)(raw)
+    assert reduced.image.size == (75, 50) and full.image.size == (600, 400)  # 1/8 in the DCT domain, >= 48
+    kw = dict(pad_id=tok.pad_token_id, clip_size=32, sam_size=48)
+    a, b = collate([reduced], **kw), collate([full], **kw)
+    assert a.image_sizes.tolist() == b.image_sizes.tolist() == [[32, 48]]
+    assert torch.equal(a.gt_masks[0], b.gt_masks[0])  # masks follow the stored size
+    assert (a.sam_pixels - b.sam_pixels).abs().mean() < 0.2  # the same picture
+
+
+def test_a_batch_whose_every_draw_is_bad_reads_spares_and_is_never_empty(tmp_path, tok, data):
+    good = write_with_bad_samples(tmp_path / "bad", n_good=3, after=(0, 1, 2))  # 3 good, 3 bad: batch_size 1 hits bad draws
+    cfg = config(str(tmp_path / "bad"), data[1], batch_size=1, max_bad_fraction=0.9, bad_fraction_min_seen=1000)
+    batches = train_batches(cfg, tok, 12, seed=2)
+    assert all(len(b) == 1 and b.keys[0] in good for b in batches)
+    skipped = sum((Counter(b.skipped) for b in batches), Counter())
+    assert sum(skipped.values()) >= 6 and set(skipped) <= {"syn/image", "syn/json", "syn/invalid"}
+    assert [b.keys for b in batches] == [b.keys for b in train_batches(cfg, tok, 12, seed=2)]  # spares are deterministic

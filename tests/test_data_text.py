@@ -4,7 +4,14 @@ import pytest
 
 from datapipes.schema import SPECIAL_TOKENS
 from datapipes.synthetic import build_tokenizer
-from datapipes.text import IGNORE_INDEX, TooLong, image_token_id, tokenize_conversation
+from datapipes.text import (
+    IGNORE_INDEX,
+    TooLong,
+    cut_points,
+    fit_conversation,
+    image_token_id,
+    tokenize_conversation,
+)
 
 N_IMG = 16
 CONV = [
@@ -86,3 +93,64 @@ def test_too_long_is_a_bad_sample_not_truncated(tok):
 def test_tokenizer_without_image_token_is_refused():
     with pytest.raises(ValueError, match="add the special tokens first"):
         image_token_id(build_tokenizer())
+
+
+# --- over-length policy: cut answers at a phrase boundary --------------------------------------------
+
+THREE = [
+    {"role": "user", "content": "<image>\nSegment the trees."},
+    {"role": "assistant", "content": "Sure, <p> the green tree </p> [SEG], <p> the red tree </p> [SEG] and <p> the blue tree </p> [SEG]."},
+]
+
+
+def fit(tok, conv, max_length):
+    return fit_conversation(conv, tok, image_id=image_token_id(tok), num_image_tokens=N_IMG, max_length=max_length)
+
+
+def test_cut_points_never_split_a_phrase_from_its_seg():
+    answer = THREE[1]["content"]
+    cuts = [answer[:p] for p in cut_points(answer)]
+    assert cuts == ["Sure, <p> the green tree </p> [SEG]", "Sure, <p> the green tree </p> [SEG], <p> the red tree </p> [SEG]",
+                    "Sure, <p> the green tree </p> [SEG], <p> the red tree </p> [SEG] and <p> the blue tree </p> [SEG]"]
+    # a phrase without a mask may end an answer; a sentence end inside a phrase may not
+    assert [("A <p> x. y </p> z. B",)[0][:p] for p in cut_points("A <p> x. y </p> z. B")] == ["A <p> x. y </p>", "A <p> x. y </p> z."]
+
+
+def test_a_conversation_that_fits_is_not_cut(tok):
+    tokens, conv = fit(tok, THREE, 200)
+    assert conv is THREE and tokens.input_ids == run(tok, THREE).input_ids
+
+
+def test_too_long_answer_keeps_the_longest_prefix_ending_after_a_seg(tok):
+    three_segs = [THREE[0], {"role": "assistant", "content": THREE[1]["content"][:-1]}]  # only the "." cut
+    assert fit(tok, THREE, len(run(tok, THREE).input_ids) - 1)[1] == three_segs
+    limit = len(run(tok, three_segs).input_ids) - 1
+    tokens, conv = fit(tok, THREE, limit)
+    assert conv[-1]["content"] == "Sure, <p> the green tree </p> [SEG], <p> the red tree </p> [SEG]"
+    assert len(tokens.input_ids) <= limit
+    seg, p_start = tok.convert_tokens_to_ids("[SEG]"), tok.convert_tokens_to_ids("<p>")
+    assert tokens.input_ids.count(seg) == 2 and tokens.input_ids.count(p_start) == 2  # no orphan phrase or [SEG]
+    assert tokens.labels[-1] == tok.eos_token_id  # the cut answer still ends with eos
+
+
+def test_later_turns_are_dropped_before_the_first_answer_is_cut(tok):
+    conv = THREE + [{"role": "user", "content": "And the sky?"}, {"role": "assistant", "content": "<p> the sky </p> [SEG]."}]
+    _, kept = fit(tok, conv, len(run(tok, THREE).input_ids))
+    assert kept == THREE[:1] + [{"role": "assistant", "content": THREE[1]["content"]}]
+
+
+def test_prompt_too_long_for_any_cut_is_too_long(tok):
+    with pytest.raises(TooLong, match="no cut of the answer fits") as e:
+        fit(tok, THREE, N_IMG + 5)
+    assert e.value.reason == "too_long"
+
+
+@pytest.mark.parametrize("stage", ["stage1", "stage2"])
+def test_shipped_budgets_leave_the_text_room_after_the_image_tokens(stage):
+    from launcher.config import load_config
+
+    cfg = load_config(f"configs/train/{stage}.yaml")
+    image_tokens = (cfg.model.vision.image_size // cfg.model.vision.patch_size) ** 2
+    assert image_tokens == 576  # CLIP-L/336
+    assert cfg.data.max_length - image_tokens >= 1024  # stage 1 dropped every sample at 512; stage 2 kept ~150 at 768
+    assert cfg.data.max_length <= cfg.model.llm.max_position_embeddings

@@ -63,7 +63,7 @@ def test_missing_file_is_named(tmp_path):
 
 
 def test_every_shipped_train_config_validates():
-    for name in ("demo", "tiny", "stage1", "stage2"):
+    for name in ("demo", "tiny", "stage1", "stage2", "stage2_from_llava"):
         cfg = load_config(f"configs/train/{name}.yaml")
         assert cfg.train.steps > 0
 

@@ -126,7 +126,7 @@ def test_checkpoint_excludes_frozen_weights(uninterrupted):
 
     ckpt = uninterrupted / "checkpoints" / f"step_{STEPS:08d}"
     files = sorted(p.name for p in ckpt.iterdir())
-    assert "COMPLETE" in files and "rng_rank00000.pt" in files and "rng_rank00001.pt" in files
+    assert {"COMPLETE", "rng_rank00000.json", "rng_rank00001.json", "trainable"} <= set(files)
     # The run's own model, on the meta device: which parameters are frozen, under which names.
     model = build_meta(load_config(uninterrupted / "config.yaml"))
     frozen = {n: p.numel() for n, p in model.named_parameters() if not p.requires_grad}
@@ -157,7 +157,7 @@ def test_eval_verb_reproduces_the_final_eval_from_the_checkpoint(shards, uninter
     at_end = json.loads((uninterrupted / f"eval_val_step{STEPS:08d}.json").read_text())
     again = json.loads((uninterrupted / f"eval_eval_step{STEPS:08d}.json").read_text())
     assert {k.split("/", 1)[1]: v for k, v in again.items()} == {k.split("/", 1)[1]: v for k, v in at_end.items()}
-    assert at_end["val/all/n"] == 8  # tiny.yaml: eval.max_batches=1, 4 samples on each of 2 ranks
+    assert at_end["val/all/n_samples"] == 8  # tiny.yaml: eval.max_batches=1, 4 samples on each of 2 ranks
 
 
 def test_mlflow_run_holds_params_and_metrics_at_steps(uninterrupted):
@@ -181,6 +181,23 @@ def test_mlflow_run_holds_params_and_metrics_at_steps(uninterrupted):
     assert [m.step for m in final] == [STEPS] and 0.0 <= final[0].value <= 1.0
     artifacts = {a.path for a in client.list_artifacts(run_id)}
     assert {"config", "eval"} <= artifacts
+
+
+def test_every_logged_step_records_speed_memory_and_flops(uninterrupted):
+    """perf/*: throughput, the step's time split (inside the step's time), peak memory, and TFLOP/s from
+    the model's own FLOPs count (CPU ranks: no peak, so no MFU)."""
+    from launcher.config import load_config
+    from launcher.fake_model import flop_model
+
+    rows = [json.loads(line) for line in (uninterrupted / "metrics.jsonl").read_text().splitlines()]
+    flops = flop_model(load_config(uninterrupted / "config.yaml"))
+    for r in rows:
+        split = r["perf/data_wait_s"] + r["perf/forward_backward_s"] + r["perf/optimizer_step_s"]
+        assert 0 < split <= r["perf/step_time_s"] * 1.0001
+        assert r["perf/tokens_per_s"] > r["perf/samples_per_s"] > 0 and r["perf/memory_gb"] > 0
+        want = (flops.per_sample * r["perf/samples_per_s"] + flops.per_token * r["perf/tokens_per_s"]) / 2 / 1e12
+        assert r["perf/tflops_per_gpu"] == pytest.approx(want, rel=1e-6)
+        assert "perf/mfu" not in r
 
 
 def test_sigusr1_to_one_rank_stops_all_with_a_checkpoint(shards, tmp_path):

@@ -1,37 +1,36 @@
-"""Box AP50 of the evaluator on hand-made detections: greedy matching by score at IoU 0.5, COCO's
-101-point interpolated AP, false positives on empty targets, and boxes of mask-only predictions."""
+"""Box AP50 of the in-training eval: the multigranular decoder's scored boxes, or each predicted mask's
+tight box with score 1; box-only targets count for box AP50 only."""
 
+import numpy as np
 import pytest
-import torch
 
-from launcher.evaluate import BoxTally, average_precision, mask_boxes
-
-
-def test_average_precision_of_a_hand_ranked_list():
-    # ranked: TP, FP, TP with 2 targets: precision 1 up to recall 0.5, 2/3 up to recall 1
-    ap = average_precision([(0.9, True), (0.8, False), (0.7, True)], n_gt=2)
-    assert ap == pytest.approx((51 * 1.0 + 50 * 2 / 3) / 101)
-    assert average_precision([(0.5, True)], n_gt=1) == 1.0
-    assert average_precision([], n_gt=3) == 0.0
+from datapipes.schema import encode_mask
+from launcher.eval.records import Prediction, Target
+from launcher.eval.score import score_by_task
 
 
-def test_each_target_is_taken_once_best_score_first_and_empty_targets_make_false_positives():
-    tally = BoxTally()
-    gt = torch.tensor([[0.0, 0.0, 10.0, 10.0]])
-    boxes = torch.tensor([[0.0, 0.0, 10.0, 9.0], [1.0, 0.0, 10.0, 10.0], [20.0, 20.0, 30.0, 30.0]])
-    tally.add("referring", boxes, torch.tensor([0.6, 0.9, 0.8]), gt)  # 0.9 hits; 0.8 misses; 0.6 would hit a taken target
-    tally.add("empty_referring", torch.tensor([[0.0, 0.0, 5.0, 5.0]]), torch.tensor([0.95]), torch.zeros(0, 4))
-    ranked = sorted(tally.dets["referring"], reverse=True)
-    assert [hit for _, hit in ranked] == [True, False, False]
-    assert [s for s, _ in ranked] == pytest.approx([0.9, 0.8, 0.6])
-    m = tally.metrics("val")
-    assert m["val/referring/box_AP50"] == 1.0
-    assert m["val/all/box_AP50"] == pytest.approx(0.5)  # the empty target's box ranks first: precision 1/2
-    assert "val/empty_referring/box_AP50" not in m  # no targets, no AP
+def target(key, task, boxes, masks=None):
+    masks = masks if masks is not None else [None] * len(boxes)
+    return Target(key, task, "synthetic", (40, 40), masks, ["x"] * len(masks), boxes, "[SEG]")
+
+
+def test_scored_boxes_rank_detections_and_box_only_targets_get_no_mask_score():
+    pairs = [
+        (Prediction("a", "", [], boxes=[[0, 0, 10, 9], [1, 0, 9, 10], [20, 20, 10, 10]], scores=[0.6, 0.9, 0.8]),
+         target("a", "box_referring", [[0, 0, 10, 10]])),  # 0.9 hits, 0.8 misses, 0.6 duplicates
+        (Prediction("b", "", [], boxes=[[0, 0, 5, 5]], scores=[0.95]), target("b", "box_referring", [[30, 30, 8, 8]])),
+    ]
+    m = score_by_task(pairs, "generate", "val")
+    # ranked 0.95 (FP), 0.9 (TP), 0.8 (FP), 0.6 (FP) over 2 targets: precision 1/2 up to recall 1/2
+    assert m["val/box_referring/box_AP50"] == pytest.approx(51 * 0.5 / 101)
+    assert "val/box_referring/cIoU" not in m  # box-only: no mask to score
 
 
 def test_a_decoder_without_boxes_is_scored_by_its_masks_tight_boxes():
-    masks = torch.zeros(2, 8, 8, dtype=torch.bool)
-    masks[0, 2:4, 1:6] = True
-    boxes, scores = mask_boxes(masks)
-    assert boxes.tolist() == [[1.0, 2.0, 6.0, 4.0]] and scores.tolist() == [1.0]  # the empty mask gives no box
+    mask = np.zeros((40, 40), np.uint8)
+    mask[2:4, 1:6] = 1
+    gt = encode_mask(mask)
+    pairs = [(Prediction("a", "[SEG]", [gt]), target("a", "referring", [[1, 2, 5, 2]], [gt]))]
+    m = score_by_task(pairs, "generate", "val")
+    assert m["val/referring/box_AP50"] == pytest.approx(1.0)
+    assert m["val/referring/cIoU"] == pytest.approx(1.0)

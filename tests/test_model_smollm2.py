@@ -79,3 +79,32 @@ def test_smollm2_with_special_tokens_and_lora_takes_a_finite_step(folder):
     assert {n for n in lora if "lora_B" in n} <= set(changed)
     assert not torch.equal(emb.rows, rows_before)
     assert torch.equal(emb.base.weight[:old], matrix_before)
+
+
+def test_smollm2_as_the_llm_of_a_llava_original_folder_with_its_own_chat_template(folder, tmp_path):
+    """Real weights through model.init_from's LLaVA layout: the folder is read as the LLM (llm.path) and
+    gives the projector; the tokenizer comes out of make_tokenizer with SmolLM2's own ChatML template."""
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    from datapipes.text import IGNORE_INDEX, image_token_id, tokenize_conversation
+    from launcher.tokenizer import make_tokenizer
+    from modeling.config import InitSource
+    from weights_fixtures import write_llava_original
+
+    smol = LlamaForCausalLM.from_pretrained(folder, gguf_file=GGUF)
+    state = write_llava_original(tmp_path, smol, clip_hidden=64, safetensors=True)
+    AutoTokenizer.from_pretrained(folder, gguf_file=GGUF).save_pretrained(tmp_path)
+    cfg = ModelConfig()
+    cfg.llm.path, cfg.llm.tokenizer, cfg.llm.chat_template = str(tmp_path), "llm", "llm"
+    cfg.init_from = [InitSource(path=str(tmp_path), kind="llava", take=["projector"])]
+    tok = make_tokenizer(cfg.llm)
+    model = build_model(cfg, tok)
+
+    llm = model.llm.get_base_model()
+    assert torch.equal(llm.model.layers[29].mlp.down_proj.weight, smol.model.layers[29].mlp.down_proj.weight)
+    assert torch.equal(llm.get_input_embeddings().base.weight[:49152], smol.model.embed_tokens.weight)
+    assert torch.equal(model.vision.projector[2].weight, state["model.mm_projector.2.weight"])
+    conv = [{"role": "user", "content": "<image>\nPlease segment the dog."}, {"role": "assistant", "content": "Sure, [SEG]."}]
+    t = tokenize_conversation(conv, tok, image_id=image_token_id(tok), num_image_tokens=4, max_length=200)
+    kept = tok.decode([i for i, lab in zip(t.input_ids, t.labels) if lab != IGNORE_INDEX])
+    assert kept.startswith("Sure, [SEG].<|im_end|>")

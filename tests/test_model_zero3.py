@@ -30,7 +30,7 @@ def _build(cfg=None, ds: dict | None = None):
     from test_model_fixtures import tiny_config, tiny_tokenizer
 
     ds = ds or ds_config()
-    dschf = HfDeepSpeedConfig(ds)
+    dschf = HfDeepSpeedConfig(ds) if ds["zero_optimization"]["stage"] == 3 else None  # as launcher.engine.build_run
     tok = tiny_tokenizer()
     old_len = len(tok)
     model = build_model(cfg or tiny_config(), tok, dschf=dschf)
@@ -143,20 +143,21 @@ EQUIV = {"lr": 1e-3, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.05, "
 EQUIV_COUNTS = ([2, 1, 0, 1], [1, 0, 3, 1])
 
 
-def _equivalence_config() -> dict:
+def _equivalence_config(stage: int = 3) -> dict:
     cfg = ds_config()
+    cfg["zero_optimization"]["stage"] = stage
     cfg["gradient_clipping"] = EQUIV["clip"]
     cfg["optimizer"]["params"] = {"lr": EQUIV["lr"], "betas": list(EQUIV["betas"]), "eps": EQUIV["eps"],
                                   "weight_decay": EQUIV["weight_decay"], "torch_adam": True}
     return cfg
 
 
-def _equivalence_job():
+def _equivalence_job(stage: int = 3):
     import torch.distributed as dist
 
     from test_model_fixtures import make_batch
 
-    engine, model, *_ = _build(ds=_equivalence_config())
+    engine, model, *_ = _build(ds=_equivalence_config(stage))
     names = [n for n, _ in model.named_parameters()]
     start = dict(zip(names, _gathered(*model.parameters())))
     start.update({f"buffer:{n}": b.clone() for n, b in model.named_buffers()})
@@ -173,10 +174,19 @@ def _equivalence_job():
 
 
 def test_two_rank_zero3_steps_equal_single_process_steps_on_the_mean_gradient(tmp_path):
+    _check_two_rank_steps_equal_single_process_steps(3, tmp_path)
+
+
+def test_two_rank_zero2_steps_equal_single_process_steps_on_the_mean_gradient(tmp_path):
+    """ZeRO-2 (train.zero_stage 2): replicated weights, partitioned gradients and optimizer states."""
+    _check_two_rank_steps_equal_single_process_steps(2, tmp_path)
+
+
+def _check_two_rank_steps_equal_single_process_steps(stage: int, tmp_path):
     from modeling import build_model
     from test_model_fixtures import make_batch, tiny_config, tiny_tokenizer
 
-    r0, r1 = run_distributed(_equivalence_job, 2, timeout=TIMEOUT, workdir=tmp_path)
+    r0, r1 = run_distributed(_equivalence_job, 2, args=(stage,), timeout=TIMEOUT, workdir=tmp_path)
     model = build_model(tiny_config(), tiny_tokenizer())
     with torch.no_grad():
         for n, p in model.named_parameters():

@@ -331,20 +331,6 @@ def test_op_keeps_10x_less_activation_memory_than_grid_sample_reference():
     assert theirs >= 10 * ours
 
 
-def test_autotune_prunes_to_one_config_when_interpreting_and_fits_tiles_otherwise(monkeypatch):
-    from types import SimpleNamespace
-
-    from kernels.msda import autotune
-
-    configs = autotune.row_configs()
-    assert len(autotune.prune_row_configs(configs, {"n_rows": 10**6}, BLOCK_D=32)) == 1  # interpreter is on here
-    monkeypatch.setattr(autotune, "knobs", SimpleNamespace(runtime=SimpleNamespace(interpret=False)))
-    kept = autotune.prune_row_configs(configs, {"n_rows": 10**6}, BLOCK_D=32)
-    assert 1 < len(kept) < len(configs)
-    assert all(c.kwargs["BLOCK_R"] * 32 // (c.num_warps * 32) <= 32 for c in kept)
-    assert [c.kwargs["BLOCK_R"] for c in autotune.prune_row_configs(configs, {"n_rows": 5}, BLOCK_D=32)] == [16] * 9
-
-
 def test_empty_query_set_gives_empty_output_and_zero_gradients():
     value, shapes, starts, loc, attn = make_inputs({**BASE, "Lq": 0}, seed=80)
     out, g_value, g_loc, g_attn = triton_with_grads(value, shapes, starts, loc, attn, grad_out_like(value, loc, 80))

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from launcher.evaluate import safe_name
+from launcher.eval.overlays import safe_name
 from launcher.tokenizer import make_tokenizer
 from modeling.config import LLMConfig
 

@@ -3,7 +3,7 @@
 Use `ms_deform_attn`; see kernels/README.md for the roofline, targets and the benchmark command.
 """
 
-from .op import ms_deform_attn
+from .op import fused_prologue_reference, ms_deform_attn, ms_deform_attn_fused
 from .reference import ms_deform_attn_reference, ms_deform_attn_reference_backward
 
-__all__ = ["ms_deform_attn", "ms_deform_attn_reference", "ms_deform_attn_reference_backward"]
+__all__ = ["ms_deform_attn", "ms_deform_attn_fused", "fused_prologue_reference", "ms_deform_attn_reference", "ms_deform_attn_reference_backward"]

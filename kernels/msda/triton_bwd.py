@@ -4,12 +4,14 @@ grad_value is a scatter. Default: fp32 atomics into an fp32 buffer, cast at the 
 Deterministic: each corner's weight and target pixel are written out, stably sorted by pixel, then gathered.
 """
 
+import os
+
 import torch
 import triton
 import triton.language as tl
 
-from .autotune import gather_configs, prune_gather_configs, prune_row_configs, row_configs
-from .triton_fwd import bilinear_point, corner, load_corner
+from .autotune import gather_configs, prune_gather_configs, prune_row_configs, row_configs, rows_bucket
+from .triton_fwd import bilinear_point, corners, device_guard, load_corner
 
 
 @triton.jit
@@ -22,14 +24,17 @@ def scatter_corner(grad_value_ptr, keys_ptr, corner_w_ptr, entry, vrow, inside, 
         tl.store(corner_w_ptr + entry, tl.where(inside, w, 0.0), mask=row_mask)
     else:
         ptrs = grad_value_ptr + vrow[:, None] * D + d[None, :]
-        tl.atomic_add(ptrs, w[:, None] * g, mask=inside[:, None] & d_mask[None, :], sem="relaxed")
+        # into an fp32 buffer, or (native_atomics) straight into value's fp16/bf16 gradient
+        tl.atomic_add(ptrs, (w[:, None] * g).to(grad_value_ptr.dtype.element_ty),
+                      mask=inside[:, None] & d_mask[None, :], sem="relaxed")
 
 
 @triton.autotune(
     configs=row_configs(),
-    key=["n_rows", "D", "L", "P", "DETERMINISTIC"],
-    prune_configs_by={"early_config_prune": prune_row_configs},
+    key=["ROWS_BUCKET", "D", "L", "P", "DETERMINISTIC"],
+    prune_configs_by={"early_config_prune": prune_row_configs},  # DETERMINISTIC -> one fixed config
     reset_to_zero=["grad_value_ptr"],  # atomics accumulate: every tuning run must start from zero
+    cache_results=True,
 )
 @triton.jit
 def msda_bwd_kernel(
@@ -48,6 +53,7 @@ def msda_bwd_kernel(
     S,
     M,
     n_vrows,  # N * S * M, also the "outside the image" key
+    ROWS_BUCKET,  # next power of two of n_rows: the autotune key, not used in the body
     D: tl.constexpr,
     L: tl.constexpr,
     P: tl.constexpr,
@@ -78,10 +84,7 @@ def msda_bwd_kernel(
             x0, y0, lx, ly, a = bilinear_point(loc_ptr, attn_ptr, point, row_mask, H, W)
             hx = 1 - lx
             hy = 1 - ly
-            r00, in00 = corner(x0, y0, H, W, start, head, M, row_mask)
-            r01, in01 = corner(x0 + 1, y0, H, W, start, head, M, row_mask)
-            r10, in10 = corner(x0, y0 + 1, H, W, start, head, M, row_mask)
-            r11, in11 = corner(x0 + 1, y0 + 1, H, W, start, head, M, row_mask)
+            r00, r01, r10, r11, in00, in01, in10, in11 = corners(x0, y0, H, W, start, S, head, M, row_mask)
             # <grad_out, value> at each corner: four reductions over D, then everything is per point
             gv00 = tl.sum(g * load_corner(value_ptr, r00, in00, d, d_mask, D), axis=1)
             gv01 = tl.sum(g * load_corner(value_ptr, r01, in01, d, d_mask, D), axis=1)
@@ -145,6 +148,18 @@ def msda_gather_grad_value_kernel(
     tl.store(out_ptrs, acc.to(grad_value_ptr.dtype.element_ty), mask=vmask[:, None] & d_mask[None, :])
 
 
+NATIVE_ATOMICS_ENV = "SEGCAP_MSDA_NATIVE_ATOMICS"
+
+
+def native_atomics_apply(value):
+    """SEGCAP_MSDA_NATIVE_ATOMICS=1 and a half-precision value on a GPU with native atomics for it (fp16 from
+    sm_70, bf16 from sm_90). Off by default: experimental, for the benchmark to measure against the fp32 buffer."""
+    if os.environ.get(NATIVE_ATOMICS_ENV, "") not in ("1", "true") or not value.is_cuda:
+        return False
+    major = torch.cuda.get_device_capability(value.device)[0]
+    return (value.dtype == torch.float16 and major >= 7) or (value.dtype == torch.bfloat16 and major >= 9)
+
+
 def msda_backward(grad_output, value, spatial_shapes, level_start_index, sampling_locations, attention_weights,
                   deterministic=False):
     """Gradients (value, sampling_locations, attention_weights), each in its input's dtype. Contiguous inputs."""
@@ -163,15 +178,20 @@ def msda_backward(grad_output, value, spatial_shapes, level_start_index, samplin
         keys = value.new_empty(n_entries, dtype=key_dtype)
         corner_w = value.new_empty(n_entries, dtype=torch.float32)
     else:
-        grad_value_acc = torch.zeros(value.shape, dtype=torch.float32, device=value.device)
+        # fp32 buffer + one cast at the end, or (opt-in) native fp16/bf16 atomics into the gradient itself:
+        # half the scatter bytes, no cast pass, but each add rounds to 8 (bf16) or 11 (fp16) mantissa bits
+        acc_dtype = value.dtype if native_atomics_apply(value) else torch.float32
+        grad_value_acc = torch.zeros(value.shape, dtype=acc_dtype, device=value.device)
         keys = corner_w = unused
 
     grid = lambda meta: (triton.cdiv(n_rows, meta["BLOCK_R"]), N)
-    msda_bwd_kernel[grid](
-        value, spatial_shapes, level_start_index, sampling_locations, attention_weights, grad_output,
-        grad_value_acc, grad_loc, grad_attn, keys, corner_w,
-        n_rows, S, M, n_vrows, D=D, L=L, P=P, BLOCK_D=triton.next_power_of_2(D), DETERMINISTIC=deterministic,
-    )
+    with device_guard(value):
+        msda_bwd_kernel[grid](
+            value, spatial_shapes, level_start_index, sampling_locations, attention_weights, grad_output,
+            grad_value_acc, grad_loc, grad_attn, keys, corner_w,
+            n_rows, S, M, n_vrows, rows_bucket(n_rows), D=D, L=L, P=P, BLOCK_D=triton.next_power_of_2(D),
+            DETERMINISTIC=deterministic,
+        )
     if not deterministic:
         return grad_value_acc.to(value.dtype), grad_loc, grad_attn
 
@@ -180,8 +200,9 @@ def msda_backward(grad_output, value, spatial_shapes, level_start_index, samplin
     segments = torch.searchsorted(sorted_keys, torch.arange(n_vrows + 1, device=value.device, dtype=keys.dtype))
     grad_value = torch.empty_like(value)
     grid = lambda meta: (triton.cdiv(n_vrows, meta["BLOCK_V"]),)
-    msda_gather_grad_value_kernel[grid](
-        grad_output, perm, corner_w, segments, grad_value,
-        n_vrows, D=D, ENTRIES_PER_ROW=L * P * 4, BLOCK_D=triton.next_power_of_2(D),
-    )
+    with device_guard(value):
+        msda_gather_grad_value_kernel[grid](
+            grad_output, perm, corner_w, segments, grad_value,
+            n_vrows, D=D, ENTRIES_PER_ROW=L * P * 4, BLOCK_D=triton.next_power_of_2(D),
+        )
     return grad_value, grad_loc, grad_attn
