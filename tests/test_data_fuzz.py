@@ -21,7 +21,7 @@ SIZE = 16  # image side: keeps each decode cheap
 TRIALS = 1500  # per family; about 10 s in all on an idle core
 
 JUNK = [None, True, False, 0, -1, 1, 7, 2**63, -(2**70), 0.5, -3.25, float("nan"), float("inf"), "", "x",
-        "\u00e9\u4e2d\U0001f600", "\x00", IMAGE_TOKEN, SEG_TOKEN, [], {}, [1, 2], [SIZE, SIZE], [[SIZE]],
+        "\u00e9\u4e2d\U0001f600", "\x00", "\ud800", IMAGE_TOKEN, SEG_TOKEN, [], {}, [1, 2], [SIZE, SIZE], [[SIZE]],
         {"size": [SIZE, SIZE], "counts": "0"}, {"role": "user"}, ["a", "b", "c", "d"], "0" * 300]
 
 
@@ -137,7 +137,13 @@ def family_inputs(family: str, rng: random.Random, seeds: list[dict]):
         raw["json"] = json.dumps(d).encode()
     elif family == "bytes":  # the JSON member's bytes damaged, or random
         text = json.dumps(d).encode()
-        raw["json"] = mutate_bytes(rng, text) if rng.random() < 0.8 else json.dumps(random_json(rng)).encode()
+        op = rng.random()
+        if op < 0.8:
+            raw["json"] = mutate_bytes(rng, text)
+        elif op < 0.9:
+            raw["json"] = json.dumps(random_json(rng)).encode()
+        else:  # nested deeper than Python's recursion limit
+            raw["json"] = rng.choice([b"[", b'{"a":']) * rng.randrange(1, 50_000)
     elif family == "members":  # tar members missing, renamed, swapped or damaged
         raw["json"] = json.dumps(d).encode()
         op = rng.randrange(6)
