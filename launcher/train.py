@@ -81,6 +81,7 @@ def train(cfg: RunConfig) -> int:
     run_id = tracker.start(run_id or _env_run_id(), params, run_tags(info.world_size))
     if info.is_main:
         _write_run_files(cfg, ds_config, run_dir, tracker, fresh=resume_from is None)
+        _keep_rows_up_to(run_dir / "metrics.jsonl", start_step)  # later steps are replayed: no step twice
 
     evaluator = Evaluator(cfg, tokenizer, info, run_dir, tracker, num_image_tokens=model.num_image_tokens)
     if cfg.eval.at_start and start_step == 0:
@@ -271,6 +272,18 @@ def _progress(step: int, total: int, m: dict[str, float], t_start: float) -> str
         f"step {step}/{total}  loss {m['train/loss']:.4f}  ({terms})  lr {m['lr']:.2e}  "
         f"{m['perf/samples_per_s']:.1f} samples/s  {elapsed:.0f}s"
     )
+
+
+def _keep_rows_up_to(path: Path, step: int) -> None:
+    """Drop the rows of `path` (JSON lines with a "step") logged after `step`, atomically."""
+    if not path.is_file():
+        return
+    lines = path.read_text().splitlines()
+    kept = [line for line in lines if line.strip() and json.loads(line)["step"] <= step]
+    if len(kept) != len(lines):
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        os.replace(tmp, path)
 
 
 def _append_jsonl(path: Path, row: dict) -> None:

@@ -295,38 +295,44 @@ def hostile_overrides(marker: Path) -> list[str]:
     ]
 
 
-def test_sbatch_arguments_reach_the_trainer_as_data_not_shell(tmp_path):
-    """stage2.sh end to end on this machine, with `srun` and `scontrol` stand-ins on PATH (no cluster):
-    the arguments after the script pass the batch shell, segcap_launcher and the task's `bash -c`."""
+def fake_slurm(tmp_path: Path, max_batch_requeue: int = 5) -> dict:
+    """The environment of a one-task job on this machine, with `srun` and `scontrol` stand-ins on PATH
+    (no cluster): srun runs the task here; scontrol answers hostnames, job and config, and records
+    requeues in tmp_path/requeued."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     stubs = {
-        # one task, run here: drop srun's options, keep the command
         "srun": 'while [ "${1#-}" != "$1" ]; do shift; done\n'
         "export SLURM_PROCID=0 SLURM_LOCALID=0 SLURM_NTASKS=1\nexec \"$@\"\n",
         "scontrol": 'case "$1 $2" in\n"show hostnames") echo localhost ;;\n'
-        '"show job") printf "JobId=7 JobState=RUNNING\\n   StdOut=/dev/null\\n" ;;\nesac\n',
+        '"show job") printf "JobId=7 JobName=t\\n   JobState=RUNNING Reason=None\\n   StdOut=/dev/null\\n" ;;\n'
+        f'"show config") echo "MaxBatchRequeue         = {max_batch_requeue}" ;;\n'
+        f'"requeue 7") echo 7 >> {tmp_path}/requeued ;;\nesac\n',
     }
     for name, body in stubs.items():
         (bin_dir / name).write_text("#!/bin/sh\n" + body)
         (bin_dir / name).chmod(0o755)
-    py = python_wrapper(tmp_path, scaffold(tmp_path, "argv.py", "import json, sys\nprint('argv ' + json.dumps(sys.argv[1:]))\n"))
-    marker = tmp_path / "pwned"
-    args = hostile_overrides(marker)
-    work = tmp_path / "cwd"  # a folder with files, where an unquoted * would expand
-    work.mkdir()
-    (work / "a_file").write_text("")
-    env = {
+    return {
         "PATH": f"{bin_dir}:/usr/bin:/bin",
         "SEGCAP_REPO": str(REPO),
-        "SEGCAP_PYTHON": str(py),
-        "SEGCAP_RUN_ROOT": str(tmp_path / "runs"),
         "SEGCAP_STATE_DIR": str(tmp_path / "state"),
         "SLURM_JOB_ID": "7",
         "SLURM_JOB_NODELIST": "localhost",
         "SLURM_JOB_NUM_NODES": "1",
         "SLURM_NTASKS": "1",
     }
+
+
+def test_sbatch_arguments_reach_the_trainer_as_data_not_shell(tmp_path):
+    """stage2.sh end to end on this machine (fake_slurm): the arguments after the script pass the batch
+    shell, segcap_launcher and the task's `bash -c` unchanged."""
+    py = python_wrapper(tmp_path, scaffold(tmp_path, "argv.py", "import json, sys\nprint('argv ' + json.dumps(sys.argv[1:]))\n"))
+    marker = tmp_path / "pwned"
+    args = hostile_overrides(marker)
+    work = tmp_path / "cwd"  # a folder with files, where an unquoted * would expand
+    work.mkdir()
+    (work / "a_file").write_text("")
+    env = {**fake_slurm(tmp_path), "SEGCAP_PYTHON": str(py), "SEGCAP_RUN_ROOT": str(tmp_path / "runs")}
     p = subprocess.run(
         ["bash", str(REPO / "slurm/stage2.sh"), "--config", "configs/train/tiny.yaml", *args],
         cwd=work, env=env, capture_output=True, text=True, timeout=60, check=False,
@@ -352,3 +358,21 @@ def test_sbatch_arguments_reach_the_ranks_as_data_on_the_cluster(slurm_1node, tm
     [argv] = argv_lines(slurm_1node.output(job))
     assert argv[:-1] == ["-m", "launcher", "train", "--config", "configs/train/tiny.yaml", *args]
     assert not marker.exists()
+
+
+@pytest.mark.parametrize("restarts, requeued", [(1, True), (2, False)])
+def test_requeue_stops_with_a_message_at_slurms_max_batch_requeue(tmp_path, restarts, requeued):
+    """Ranks exiting 3 requeue the job until Slurm's MaxBatchRequeue (2 here), where Slurm would hold it:
+    there the job ends (exit 3, FAILED) saying so instead."""
+    env = {**fake_slurm(tmp_path, max_batch_requeue=2), "SLURM_RESTART_COUNT": str(restarts)}
+    p = subprocess.run(
+        ["bash", str(REPO / "slurm/run.sh"), "sh", "-c", "exit 3"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60, check=False,
+    )
+    assert (tmp_path / "requeued").exists() == requeued, p.stdout + p.stderr
+    if requeued:
+        assert p.returncode == 0 and "requeueing job 7" in p.stdout
+    else:
+        assert p.returncode == 3, p.stdout + p.stderr
+        assert "requeued 2 time(s), Slurm's MaxBatchRequeue=2: not requeueing" in p.stdout
+        assert "Resubmit the same command to resume" in p.stdout

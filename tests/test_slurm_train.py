@@ -130,3 +130,5 @@ def test_a_killed_rank_fails_the_job_at_once_and_resubmitting_resumes(slurm_2nod
     resumed = slurm_2node.output(again).split("resumed from ", 1)[1].split(" ", 1)[0]
     assert Path(resumed).parent == run_dir / "checkpoints" and Path(resumed).name >= "step_00000002"
     assert (run_dir / "checkpoints" / "step_00000006" / "COMPLETE").is_file()
+    # The steps the killed job logged after its last checkpoint were trained again: each is logged once.
+    assert sorted(losses(run_dir)) == list(range(1, 7))
