@@ -100,6 +100,7 @@ def test_one_node_cluster_runs_a_job_with_rank_variables(slurm_1node, tmp_path):
 
 
 @pytest.mark.slurm
+@pytest.mark.dist
 @pytest.mark.timeout(120)
 def test_two_nodes_all_reduce_over_gloo_one_rank_per_node(slurm_2node, tmp_path):
     script = scaffold(tmp_path, "scaffold_allreduce.py", SCAFFOLD_ALLREDUCE)
@@ -115,6 +116,7 @@ def test_two_nodes_all_reduce_over_gloo_one_rank_per_node(slurm_2node, tmp_path)
 
 # ---------------------------------------------------------------------------------------------- preemption
 @pytest.mark.slurm
+@pytest.mark.dist
 @pytest.mark.timeout(150)
 def test_usr1_to_batch_shell_reaches_both_nodes_and_exit_3_requeues_stage2_with_same_run_dir(slurm_2node, tmp_path):
     """What a time-limit warning (--signal=B:USR1@600) does to stage2.sh, with scaffold ranks."""
@@ -212,6 +214,7 @@ def test_cancelled_job_is_not_requeued_even_if_ranks_exit_3(slurm_1node, tmp_pat
 
 
 @pytest.mark.slurm
+@pytest.mark.dist
 @pytest.mark.timeout(90)
 def test_a_killed_rank_takes_the_job_down_without_requeue(slurm_2node, tmp_path):
     # --kill-on-bad-exit: the other rank is terminated at once instead of waiting in a collective.

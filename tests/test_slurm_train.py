@@ -14,7 +14,7 @@ from slurm_cluster import REPO
 
 from launcher.train import HOLD_ENV
 
-pytestmark = [pytest.mark.slurm, pytest.mark.slow]
+pytestmark = [pytest.mark.slurm, pytest.mark.dist, pytest.mark.slow]  # 2 ranks of the real trainer
 STEPS = 5
 TWO_NODES = ["--nodes=2", "--ntasks-per-node=1", "--gpus-per-node=0", "--cpus-per-task=2", "--mem=0"]
 ONE_NODE_TWO_TASKS = ["--nodes=1", "--ntasks-per-node=2", "--gpus-per-node=0", "--cpus-per-task=1", "--mem=0"]
