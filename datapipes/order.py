@@ -92,10 +92,15 @@ class TarIndex:
                                    f"the manifest's {count}{why})")
         key, members = self.samples[index]
         raw: dict = {"__key__": key, "__url__": self.url}
-        with open(self.url, "rb") as f:
-            for ext, (offset, size) in members.items():
-                f.seek(offset)
-                raw[ext] = f.read(size)
+        try:  # the shard may have been deleted or cut short since its headers were read
+            with open(self.url, "rb") as f:
+                for ext, (offset, size) in members.items():
+                    f.seek(offset)
+                    raw[ext] = f.read(size)
+                    if len(raw[ext]) != size:
+                        raise OSError(f"member {key}.{ext} is cut short ({len(raw[ext])} of {size} bytes)")
+        except OSError as e:
+            raise BadSample("tar", f"{self.url}: sample {index} ({key}) unreadable: {e}") from None
         return raw
 
 

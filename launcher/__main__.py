@@ -8,6 +8,11 @@ from __future__ import annotations
 import argparse
 import sys
 
+if __name__ == "__main__" and sys.argv[1:2] == ["train"]:
+    from launcher import stop
+
+    stop.install()  # before any heavy import: a preemption signal during start-up must not kill the rank
+
 from launcher.config import ConfigError, load_config
 
 

@@ -7,6 +7,7 @@ a crash is never used. The same world size resumes from the shards; another one 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -40,9 +41,15 @@ def complete_checkpoints(ckpt_dir: Path) -> list[Path]:
     return sorted(found, key=_step_of)
 
 
-def latest_complete(ckpt_dir: Path) -> Path | None:
-    done = complete_checkpoints(ckpt_dir)
-    return done[-1] if done else None
+def latest_complete(ckpt_dir: Path, verify: bool = True) -> Path | None:
+    """The newest complete checkpoint whose files match its manifest; a damaged one is reported
+    (naming the file) and passed over for the one before."""
+    for path in reversed(complete_checkpoints(ckpt_dir)):
+        problem = manifest_problem(path) if verify else None
+        if problem is None:
+            return path
+        print(f"[segcap] checkpoint {path} refused: {problem}; trying the previous one", flush=True)
+    return None
 
 
 def find_checkpoint(run_dir: Path, step: int | None = None) -> Path:
@@ -97,15 +104,22 @@ def save(engine, ckpt_dir: Path, step: int, client_state: dict, info: DistInfo, 
     if info.is_main and path.exists():  # leftovers of an interrupted save of this same step
         shutil.rmtree(path)
     barrier()
-    engine.save_checkpoint(
-        str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False, exclude_frozen_parameters=True
-    )
-    _rng_file(path, info.rank).write_text(json.dumps(rng_state()))
-    save_trainable(engine, path / TRAINABLE, client_state, info)
+    try:
+        engine.save_checkpoint(
+            str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False, exclude_frozen_parameters=True
+        )
+        _rng_file(path, info.rank).write_text(json.dumps(rng_state()))
+        save_trainable(engine, path / TRAINABLE, client_state, info)
+    except (OSError, RuntimeError) as e:  # disk full, quota, I/O error; torch.save reports ENOSPC as
+        free = shutil.disk_usage(ckpt_dir).free  # "enforce fail ... unexpected pos", hence the free space
+        full = ": the disk is full" if free < 2**20 else ""
+        raise SaveError(f"checkpoint save of step {step} to {path} failed on rank {info.rank}: {e} ({free} bytes "
+                        f"free there{full}). It is not marked {MARKER} and will not be resumed from; the previous "
+                        f"one is untouched") from e
     barrier()
     if info.is_main:
         tmp = path / (MARKER + ".tmp")
-        tmp.write_text(json.dumps({"step": step, "world_size": info.world_size}))
+        tmp.write_text(json.dumps({"step": step, "world_size": info.world_size, "files": file_manifest(path)}))
         with open(tmp) as f:
             os.fsync(f.fileno())
         os.replace(tmp, path / MARKER)
@@ -297,3 +311,42 @@ def load(engine, path: Path, info: DistInfo, load_optimizer: bool = True) -> dic
     elif marker["world_size"] == info.world_size:
         raise FileNotFoundError(f"{rng_file} missing (checkpoints of older segcap versions kept a pickle; resume from a newer one)")
     return client_state
+
+
+# --- manifest: sizes and checksums written with the marker, checked before a resume -------------------
+
+class SaveError(RuntimeError):
+    """A checkpoint could not be written (the run stops: training on without checkpoints loses work)."""
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def file_manifest(path: Path) -> dict[str, dict]:
+    """{relative file name: {size, sha256}} of every file of a checkpoint directory but the marker."""
+    files = sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith(MARKER))
+    return {str(p.relative_to(path)): {"size": p.stat().st_size, "sha256": _sha256(p)} for p in files}
+
+
+def manifest_problem(path: Path) -> str | None:
+    """None if every file the marker lists is there with its size and checksum, else what is wrong
+    (naming the file). Markers written before manifests existed list no files and are trusted."""
+    try:
+        files = json.loads((path / MARKER).read_text()).get("files", {})
+    except (OSError, ValueError) as e:
+        return f"{path / MARKER} unreadable: {e}"
+    for name, want in files.items():
+        f = path / name
+        if not f.is_file():
+            return f"{f} is missing"
+        size = f.stat().st_size
+        if size != want["size"]:
+            return f"{f} has {size} bytes, the manifest says {want['size']}"
+        if _sha256(f) != want["sha256"]:
+            return f"{f} does not match its sha256 in the manifest"
+    return None

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import time
 from pathlib import Path
 
@@ -20,6 +19,8 @@ import yaml
 from launcher import checkpoint, dist
 from launcher.config import RunConfig, flatten, to_dict
 from launcher.engine import build_run, render_ds_config
+from launcher.stop import install as install_signal_handlers
+from launcher.stop import received as received_signal
 from launcher.tracking import Tracker, dataset_inputs, run_params, run_tags
 
 EXIT_OK = 0
@@ -30,12 +31,11 @@ class StopRequest:
     """Remembers SIGUSR1/SIGTERM; the loop acts on it at the next step boundary, on all ranks at once."""
 
     def __init__(self) -> None:
-        self.signum: int | None = None
-        for sig in (signal.SIGUSR1, signal.SIGTERM):
-            signal.signal(sig, self._handle)
+        install_signal_handlers()  # again: harmless, and needed when train() is called without `python -m launcher`
 
-    def _handle(self, signum, frame) -> None:
-        self.signum = signum
+    @property
+    def signum(self) -> int | None:
+        return received_signal()
 
     def wait(self, timeout_s: float) -> None:
         """Block until SIGUSR1/SIGTERM has arrived (tests hold a run at a step to preempt it there)."""
@@ -81,7 +81,7 @@ def train(cfg: RunConfig) -> int:
     run_id = tracker.start(run_id or _env_run_id(), params, run_tags(info.world_size))
     if info.is_main:
         _write_run_files(cfg, ds_config, run_dir, tracker, fresh=resume_from is None)
-        _keep_rows_up_to(run_dir / "metrics.jsonl", start_step)  # later steps are replayed: no step twice
+        _forget_steps_after(run_dir, start_step, tracker)
 
     evaluator = Evaluator(cfg, tokenizer, info, run_dir, tracker, num_image_tokens=model.num_image_tokens)
     if cfg.eval.at_start and start_step == 0:
@@ -155,7 +155,8 @@ def train(cfg: RunConfig) -> int:
                 engine, ckpt_dir, step, {"step": step, "mlflow_run_id": tracker.run_id}, info, cfg.train.keep_checkpoints
             )
         if preempt and step < cfg.train.steps:
-            why = f"signal {stop.signum}" if stop.signum is not None else "time budget"
+            why = (f"signal {stop.signum}" if stop.signum is not None
+                   else "time budget" if over_budget else "a signal to another rank")
             log0(info, f"stopping at step {step} ({why}); checkpoint saved, exit {EXIT_REQUEUE} to requeue")
             tracker.finish("KILLED")
             dist.finish()  # leave together: a launcher may kill the others once one rank exits
@@ -274,21 +275,37 @@ def _progress(step: int, total: int, m: dict[str, float], t_start: float) -> str
     )
 
 
-def _keep_rows_up_to(path: Path, step: int) -> None:
-    """Drop the rows of `path` (JSON lines with a "step") logged after `step`, atomically."""
-    if not path.is_file():
-        return
-    lines = path.read_text().splitlines()
-    kept = [line for line in lines if line.strip() and json.loads(line)["step"] <= step]
-    if len(kept) != len(lines):
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text("".join(line + "\n" for line in kept))
-        os.replace(tmp, path)
-
-
 def _append_jsonl(path: Path, row: dict) -> None:
     with open(path, "a") as f:
         f.write(json.dumps(row) + "\n")
+
+
+def _forget_steps_after(run_dir: Path, start_step: int, tracker: Tracker) -> None:
+    """metrics.jsonl keeps every step once: the rows a killed run logged after its last checkpoint go,
+    since this run logs those steps again. MLflow keeps history, so the run gets a tag per restart
+    naming the steps it replays (`replayed/restart_N`: the later value of a step is the one to read)."""
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        return
+    rows, torn = [], 0
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:  # the last row of a process killed while it wrote
+            torn += 1
+    replayed = sorted({r["step"] for r in rows if r["step"] > start_step})
+    if not replayed and not torn:
+        return
+    tmp = path.with_suffix(".jsonl.tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows if r["step"] <= start_step))
+    os.replace(tmp, path)
+    if not replayed:
+        return
+    log_path = run_dir / "restarts.jsonl"
+    n = len(log_path.read_text().splitlines()) + 1 if log_path.is_file() else 1
+    record = {"restart": n, "resumed_at_step": start_step, "replayed_steps": replayed, "time": time.time()}
+    _append_jsonl(log_path, record)
+    tracker.set_tags({f"replayed/restart_{n}": json.dumps({k: record[k] for k in ("resumed_at_step", "replayed_steps")})})
 
 
 def _write_run_files(cfg: RunConfig, ds_config: dict, run_dir: Path, tracker: Tracker, fresh: bool) -> None:

@@ -43,7 +43,9 @@ def main() -> int:
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-tracking-"))
     cfg = load_config("configs/train/demo.yaml", [f"data.synthetic.out_dir={tmp}/data", "data.synthetic.num_train=400",
-                                                  "data.synthetic.num_val=8", f"train.output_dir={tmp}/run"])
+                                                  "data.synthetic.num_val=8", f"train.output_dir={tmp}/run",
+                                                  f"data.train=[{{name: synthetic, path: {tmp}/data/train}}]",
+                                                  f"data.val=[{{name: synthetic_val, path: {tmp}/data/val}}]"])
     write_synthetic(cfg.data.synthetic)
     info = dist.identity()
     dist.init(info)
@@ -94,6 +96,9 @@ def main() -> int:
         print(f"  store {mode:4s} ({uris[mode]}): {1e3 * mean:.1f} ms/step (median "
               f"{1e3 * statistics.median(times[mode]):.1f}); in tracker calls {1e3 * calls:.3f} ms/step = "
               f"{100 * calls / off:.3f}% of a step; step time vs off {100 * (mean - off) / off:+.1f}%")
+        if t.applier is not None:
+            bg = t.applier.cpu_s / len(times[mode])
+            print(f"    background thread CPU (successful applies): {1e3 * bg:.3f} ms/step = {100 * bg / off:.3f}% of a step")
     print(f"  spool left unapplied: up {trackers['up'].journal.pending()} bytes, "
           f"down {trackers['down'].journal.pending()} bytes (down: replayed later by `runs sync`)")
     for t in trackers.values():

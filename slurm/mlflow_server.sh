@@ -44,9 +44,14 @@ pg_bin() {  # Debian keeps the server programs out of PATH
 }
 
 server="" pgdata=""
-cleanup() {
-    if [[ -n "$server" ]]; then kill -TERM "$server" 2>/dev/null || true; wait "$server" 2>/dev/null || true; fi
-    if [[ -n "$pgdata" ]]; then as_pg "$pg_ctl" -D "$pgdata" -m fast stop >/dev/null 2>&1 || true; fi
+cleanup() {  # the server first (15 s grace, then SIGKILL), then PostgreSQL (fast: it cuts open sessions)
+    if [[ -n "$server" ]]; then
+        kill -TERM "$server" 2>/dev/null || true
+        for _ in $(seq 30); do kill -0 "$server" 2>/dev/null || break; sleep 0.5; done
+        pkill -KILL -P "$server" 2>/dev/null || true
+        kill -KILL "$server" 2>/dev/null || true
+    fi
+    if [[ -n "$pgdata" ]]; then as_pg "$pg_ctl" -D "$pgdata" -m fast -w -t 30 stop >/dev/null 2>&1 || true; fi
 }
 trap cleanup EXIT
 trap 'exit 143' TERM INT

@@ -68,16 +68,24 @@ class MlflowServer:
         pytest.fail(f"mlflow server not up in {timeout:.0f} s: {self.log.read_text()[-3000:]}")
 
     def stop(self) -> None:
+        """The script's own shutdown (SIGTERM: server, then PostgreSQL); SIGKILL and an immediate
+        PostgreSQL stop if it takes too long."""
         if self.proc is None:
             return
         self.resume()
-        os.killpg(self.proc.pid, signal.SIGINT)  # all at once: the server, PostgreSQL (fast shutdown), the script
+        self.proc.terminate()
         try:
-            self.proc.wait(timeout=20)
+            self.proc.wait(timeout=60)
         except subprocess.TimeoutExpired:
             os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait(timeout=10)
         self.proc = None
+        data = self.root / "postgres" / "data"
+        if (data / "postmaster.pid").exists():  # the script was killed before it stopped PostgreSQL
+            pg_ctl = shutil.which("pg_ctl") or max(glob.glob("/usr/lib/postgresql/*/bin/pg_ctl"))
+            cmd = [pg_ctl, "-D", str(data), "-m", "immediate", "stop"]
+            subprocess.run((["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []) + cmd,
+                           check=False, capture_output=True, timeout=60)
 
     def pause(self) -> None:
         """Every process of the server (and its PostgreSQL) stops answering; connections still open."""

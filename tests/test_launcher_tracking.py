@@ -234,3 +234,21 @@ def test_a_call_the_store_refuses_is_set_aside_and_the_rest_applied(tmp_path):
     assert rejected["params"] == {"a": "2"} and "Changing param values is not allowed" in rejected["error"]
     run = client(uri).get_run(tracker.run_id)
     assert (run.info.status, run.data.params, run.data.metrics) == ("FINISHED", {"a": "1"}, {"x": 1.0})
+
+
+def test_demo_results_table_is_logged_into_the_demo_run(tmp_path):
+    from launcher.config import RunConfig
+    from launcher.demo import _log_table
+
+    uri = f"sqlite:///{tmp_path}/m.db"
+    cfg = RunConfig()
+    cfg.tracking.tracking_uri = uri
+    tracker = Tracker(cfg.tracking, tmp_path / "run", True)
+    tracker.start(None, {}, {})
+    tracker.finish()
+    results = {"models": {"trained": {"referring/cIoU": 0.5}, "untrained": {"referring/cIoU": 0.1, "all/gIoU": 0.2}}}
+    _log_table(cfg, tmp_path / "run", results)
+    path = client(uri).download_artifacts(tracker.run_id, "demo_results.json", str(tmp_path))
+    table = json.loads(Path(path).read_text())
+    assert table["columns"] == ["model", "all/gIoU", "referring/cIoU"]
+    assert table["data"] == [["trained", None, 0.5], ["untrained", 0.2, 0.1]]

@@ -119,7 +119,7 @@ def score_grounded_captions(pairs: Pairs, mode: str) -> dict[str, float]:
         "AP50": coco_ap50(images, "segm"),
         "mIoU": float(np.mean(greedy)) if greedy else 0.0,
         "mIoU_hungarian": float(np.mean(hungarian)) if hungarian else 0.0,
-        "MR(text-sim=tfidf)": matched / n_labels if n_labels else 0.0,
+        "MR text-sim:tfidf": matched / n_labels if n_labels else 0.0,
         "recall_iou_only": matched_iou_only / n_labels if n_labels else 0.0,
         "n": len(pairs),
     }

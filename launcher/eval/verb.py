@@ -178,13 +178,19 @@ def _tracker(cfg: RunConfig, run_dir: Path, info, tags: dict):
     return tracker
 
 
+def mlflow_names(name: str, splits: dict) -> dict[str, float]:
+    """bench/<name>_<split>/<metric> for every number; MLflow names allow no '+' (refcoco+ -> refcocoplus)."""
+    name = name.replace("+", "plus")
+    return {f"bench/{name}_{s}/{k}": v for s, m in splits.items() for k, v in m.items() if isinstance(v, (int, float))}
+
+
 def _log_bench(tracker, name: str, splits: dict, step: int) -> None:
-    """One metric per number (bench/<name>_<split>/<metric>) and one MLflow table for the benchmark."""
+    """One metric per number and one MLflow table for the benchmark."""
     numeric = {s: {k: v for k, v in m.items() if isinstance(v, (int, float))} for s, m in splits.items()}
-    tracker.log_metrics({f"bench/{name}_{s}/{k}": v for s, m in numeric.items() for k, v in m.items()}, step)
+    tracker.log_metrics(mlflow_names(name, splits), step)
     cols = sorted({k for m in numeric.values() for k in m})
     table = {"split": list(numeric), **{c: [numeric[s].get(c) for s in numeric] for c in cols}}
-    tracker.log_table(table, f"eval/{name}.json")
+    tracker.log_table(table, f"eval/{name.replace('+', 'plus')}.json")
 
 
 def _finish(report: dict, path: str | None) -> None:
