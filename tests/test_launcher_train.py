@@ -122,7 +122,7 @@ def test_checkpoint_excludes_frozen_weights(uninterrupted):
     import torch
 
     from launcher.config import load_config
-    from launcher.count import build_meta
+    from launcher.fake_model import build_meta
 
     ckpt = uninterrupted / "checkpoints" / f"step_{STEPS:08d}"
     files = sorted(p.name for p in ckpt.iterdir())
