@@ -158,7 +158,7 @@ def _run_benches(model, tokenizer, data_cfg, eval_cfg, benches, args, info, sync
     digest = hashlib.sha1(json.dumps(report, sort_keys=True).encode()).hexdigest()
     print(f"[segcap] eval rank {info.rank}: report sha1 {digest}", flush=True)  # equal on every rank
     tracker.finish()  # FINISHED if this verb started the run; an attached run is only flushed
-    dist.barrier()
+    dist.finish()
 
 
 def _manifest_total(folder: Path) -> int:
@@ -226,5 +226,5 @@ def evaluate_checkpoint(cfg: RunConfig) -> int:
     evaluator = Evaluator(cfg, tokenizer, info, run_dir, tracker, num_image_tokens=model.num_image_tokens)
     evaluator.run(engine.module, step=state["step"], prefix="eval")
     tracker.finish()  # FINISHED if this verb started the run; an attached run is only flushed
-    dist.barrier()
+    dist.finish()
     return 0
