@@ -59,10 +59,11 @@ def find_checkpoint(run_dir: Path, step: int | None = None) -> Path:
     done = complete_checkpoints(ckpt_dir)
     if not done:
         raise FileNotFoundError(f"no complete checkpoint under {ckpt_dir}")
-    if step is None:
-        return done[-1]
-    for p in done:
-        if _step_of(p) == step:
+    for p in reversed(done):
+        if step is None or _step_of(p) == step:
+            problem = manifest_problem(p)
+            if problem:
+                raise FileNotFoundError(f"checkpoint {p} is damaged: {problem}")
             return p
     raise FileNotFoundError(f"no complete checkpoint of step {step} under {ckpt_dir}; complete: {[_step_of(p) for p in done]}")
 

@@ -133,6 +133,14 @@ def test_export_reloads_with_the_training_models_logits_and_masks(trained, merge
 
     assert main(["export", "--run", str(run_dir), "--step", "7", "--out", str(root / "never")]) == 2
     assert f"no complete checkpoint of step 7 under {run_dir / 'checkpoints'}; complete: [{STEPS}]" in capsys.readouterr().err
+    import shutil
+
+    damaged = root / "damaged_run"  # a copy whose trainable weights lost their tail after the marker was written
+    shutil.copytree(run_dir, damaged)
+    weights = damaged / "checkpoints" / f"step_{STEPS:08d}" / "trainable" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])
+    assert main(["export", "--run", str(damaged), "--out", str(root / "never")]) == 2
+    assert f"is damaged: {weights} has" in capsys.readouterr().err
 
 
 def test_lora_only_export_loads_with_peft_and_equals_the_merged_llm(trained, merged):
