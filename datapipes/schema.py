@@ -85,7 +85,7 @@ class Sample:
     def from_json(cls, text: str | bytes) -> "Sample":
         try:
             d = json.loads(text)
-        except (ValueError, UnicodeDecodeError) as e:
+        except (ValueError, UnicodeDecodeError, RecursionError) as e:  # RecursionError: nested too deep
             raise BadSample("json", f"sample JSON does not parse: {e}") from e
         if not isinstance(d, dict):
             raise SchemaError(f"sample JSON must be an object, got {type(d).__name__}")
@@ -172,6 +172,8 @@ def validate(d: dict) -> None:
     for i, turn in enumerate(conv):
         if not isinstance(turn, dict) or turn.get("role") not in ROLES or not isinstance(turn.get("content"), str):
             raise SchemaError(f"conversation[{i}] must be {{'role': 'user'|'assistant', 'content': str}}, got {turn!r}")
+        if not turn["content"].isascii() and not _encodable(turn["content"]):  # e.g. a lone surrogate (\ud800)
+            raise SchemaError(f"conversation[{i}].content is not valid Unicode text")
     if conv[0]["role"] != "user" or conv[-1]["role"] != "assistant":
         raise SchemaError("conversation must start with a user turn and end with an assistant turn")
     n_image = sum(t["content"].count(IMAGE_TOKEN) for t in conv)
@@ -209,14 +211,23 @@ def validate(d: dict) -> None:
         raise SchemaError("extra must be an object")
 
 
+def _encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _check_region(m: dict, where: str, size) -> None:
     """An annotation's rle (compressed RLE of the image size, or None for box-only) and its box."""
     rle = m["rle"]
     if rle is not None:
         if not isinstance(rle, dict) or not isinstance(rle.get("counts"), str) or "size" not in rle:
             raise SchemaError(f"{where}.rle must be compressed RLE {{'size': [h, w], 'counts': str}} or null")
-        if list(rle["size"]) != list(size):
-            raise SchemaError(f"{where}.rle size {list(rle['size'])} != image_size {list(size)}")
+        rsize = rle["size"]
+        if not (isinstance(rsize, (list, tuple)) and all(type(v) is int for v in rsize) and list(rsize) == list(size)):
+            raise SchemaError(f"{where}.rle size {rsize!r} != image_size {list(size)}")
     box = m["box"]
     if not (isinstance(box, (list, tuple)) and len(box) == 4 and all(isinstance(v, (int, float)) for v in box)):
         raise SchemaError(f"{where}.box must be [x, y, w, h]")

@@ -208,4 +208,6 @@ def _with_model_files(cfg):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from launcher.dist import exit_process
+
+    exit_process(main())

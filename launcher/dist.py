@@ -6,9 +6,12 @@ SLURM_NTASKS. CPU runs use gloo with DeepSpeed's CPU accelerator, GPU runs NCCL.
 
 from __future__ import annotations
 
+import atexit
 import os
 import socket
+import sys
 from dataclasses import dataclass
+from typing import NoReturn
 
 import torch
 import torch.distributed as torch_dist
@@ -63,6 +66,36 @@ def init(info: DistInfo) -> None:
         import deepspeed  # imported late: it reads DS_ACCELERATOR at import time
 
         deepspeed.init_distributed(dist_backend=info.backend, auto_mpi_discovery=False)
+
+
+_joined = False  # this process was in a process group: its gloo/NCCL threads live until the process ends
+
+
+def finish() -> None:
+    """Leave the process group together: every rank reaches this point, then the groups are destroyed."""
+    global _joined
+    if torch_dist.is_initialized():
+        _joined = True
+        torch_dist.barrier()
+        torch_dist.destroy_process_group()
+
+
+def exit_process(code: int) -> NoReturn:
+    """End the process with `code`; after a process group was joined, without Python's finalization.
+
+    The collective backend's worker threads outlive destroy_process_group (DeepSpeed and every ZeRO-3
+    parameter keep the groups referenced) and may still be dropping the last collective's tensors when
+    the main thread returns. If a tensor's Python object goes with it after the interpreter started
+    finalizing, the thread's GIL request ends it with pthread_exit inside a noexcept destructor: SIGABRT,
+    "terminate called without an active exception", and the launcher reports a finished run as failed
+    (docs/LEARNED.md). The exit handlers (MLflow, logging, multiprocessing) still run, stdio is flushed.
+    """
+    if not (_joined or torch_dist.is_initialized()):
+        sys.exit(code)
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    os._exit(code)
 
 
 def free_port() -> int:

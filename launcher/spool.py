@@ -17,6 +17,9 @@ from typing import Any
 
 EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}  # the UI's training view
 MAX_PARAMS, MAX_METRICS = 100, 1000  # MLflow's log_batch limits
+# One store call costs the background thread ~5 ms of CPU (client, HTTP): metrics logged every step are
+# gathered for this long into one log_batch. A flush() skips the wait.
+BATCH_INTERVAL_S = 1.0
 
 
 class Journal:
@@ -88,6 +91,8 @@ class Applier(threading.Thread):
         self.run_dir = str(run_dir or journal.dir.parent)
         self.stop_when_drained = False
         self.stopped = threading.Event()  # close(): leave the rest in the spool
+        self.hurry = threading.Event()  # a flush is waiting: apply without gathering
+        self._last_apply = 0.0
         self.failing_since: float | None = None  # None while the store answers
         self.call_started: float | None = None  # when the current store call began (a hang shows here)
         self.error: str = ""
@@ -104,13 +109,17 @@ class Applier(threading.Thread):
         """Wait until the spool is applied, giving up after `timeout` s without progress; unless
         `while_failing`, give up as soon as the store fails or hangs."""
         deadline, last = time.monotonic() + timeout, self.journal.applied
-        while self.journal.pending() > 0:
-            if self.journal.applied != last:  # a slow store that makes progress is waited for
-                deadline, last = time.monotonic() + timeout, self.journal.applied
-            if time.monotonic() > deadline or not self.is_alive() or (not while_failing and not self.healthy()):
-                return False
-            time.sleep(0.02)
-        return True
+        self.hurry.set()
+        try:
+            while self.journal.pending() > 0:
+                if self.journal.applied != last:  # a slow store that makes progress is waited for
+                    deadline, last = time.monotonic() + timeout, self.journal.applied
+                if time.monotonic() > deadline or not self.is_alive() or (not while_failing and not self.healthy()):
+                    return False
+                time.sleep(0.02)
+            return True
+        finally:
+            self.hurry.clear()
 
     # --- the thread
     def run(self) -> None:
@@ -122,6 +131,10 @@ class Applier(threading.Thread):
                     return
                 with self.journal.written:
                     self.journal.written.wait(timeout=0.5)
+                continue
+            wait = self._last_apply + BATCH_INTERVAL_S - time.monotonic()
+            if wait > 0 and not self.hurry.is_set() and not self.stop_when_drained:
+                self.hurry.wait(wait)  # gather more lines into one call
                 continue
             cpu0 = time.thread_time()
             lines, end = self._read(offset, size)
@@ -155,6 +168,7 @@ class Applier(threading.Thread):
                 backoff = min(backoff * 2, self.max_backoff_s)
                 continue
             self.journal.set_applied(end)
+            self._last_apply = time.monotonic()
             self.applied_ops += len(lines)
             self.cpu_s += time.thread_time() - cpu0
             if self.failing_since is not None:

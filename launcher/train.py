@@ -37,6 +37,20 @@ class StopRequest:
     def signum(self) -> int | None:
         return received_signal()
 
+    def wait(self, timeout_s: float) -> None:
+        """Block until SIGUSR1/SIGTERM has arrived (tests hold a run at a step to preempt it there)."""
+        deadline = time.monotonic() + timeout_s
+        while self.signum is None:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{HOLD_ENV}: no SIGUSR1/SIGTERM within {timeout_s:.0f} s")
+            time.sleep(0.05)
+
+
+# Tests only: after logging this step, every rank waits for the preemption signal before deciding to
+# stop, so that a test preempts a run at a known step whatever the machine's speed.
+HOLD_ENV = "SEGCAP_TEST_HOLD_AT_STEP"
+HOLD_TIMEOUT_S = 600.0
+
 
 def train(cfg: RunConfig) -> int:
     from datapipes.loader import build_train_loader
@@ -87,6 +101,7 @@ def train(cfg: RunConfig) -> int:
     )
 
     # --- loop
+    hold_at = int(os.environ.get(HOLD_ENV, "0"))
     from datapipes.loader import REASONS
 
     skip_keys = [f"{src.name}/{r}" for src in cfg.data.train for r in REASONS]  # the same on every rank
@@ -130,6 +145,9 @@ def train(cfg: RunConfig) -> int:
             evaluator.run(engine.module, step=step)
             engine.train()
 
+        if step == hold_at:
+            log0(info, f"holding at step {step} until SIGUSR1/SIGTERM ({HOLD_ENV})")
+            stop.wait(HOLD_TIMEOUT_S)
         over_budget = cfg.train.time_budget_s > 0 and time.time() - t_start > cfg.train.time_budget_s
         preempt = dist.all_agree(stop.signum is not None or over_budget, info.device)
         if preempt or step % cfg.train.save_every == 0 or step == cfg.train.steps:
@@ -141,12 +159,12 @@ def train(cfg: RunConfig) -> int:
                    else "time budget" if over_budget else "a signal to another rank")
             log0(info, f"stopping at step {step} ({why}); checkpoint saved, exit {EXIT_REQUEUE} to requeue")
             tracker.finish("KILLED")
-            dist.barrier()  # leave together: a launcher may kill the others once one rank exits
+            dist.finish()  # leave together: a launcher may kill the others once one rank exits
             return EXIT_REQUEUE
 
     evaluator.run(engine.module, step=step)
     tracker.finish("FINISHED")
-    dist.barrier()
+    dist.finish()
     return EXIT_OK
 
 

@@ -128,8 +128,15 @@ segcap_launch() {
         # one is requeued (or not) by Slurm itself, by the cluster's PreemptMode.
         local state
         state="$(scontrol show job "$SLURM_JOB_ID" | sed -n 's/^ *JobState=\([A-Z_]*\).*/\1/p')"
+        local max_requeue
+        max_requeue="$(scontrol show config 2>/dev/null | sed -n 's/^MaxBatchRequeue *= *\([0-9][0-9]*\).*/\1/p')"
         if [[ "$state" != RUNNING ]]; then
             segcap_log "ranks exited ${rc} (checkpoint saved) but the job is ${state:-?}: not requeueing"
+        elif [[ -n "$max_requeue" && "${SLURM_RESTART_COUNT:-0}" -ge "$max_requeue" ]]; then
+            # Past the limit Slurm holds the requeued job (JobHoldMaxRequeue): pending, nothing in this log.
+            segcap_log "ranks exited ${rc} (checkpoint saved) but job ${SLURM_JOB_ID} was already requeued" \
+                "${SLURM_RESTART_COUNT:-0} time(s), Slurm's MaxBatchRequeue=${max_requeue}: not requeueing." \
+                "Resubmit the same command to resume from the last checkpoint."
         else
             segcap_log "ranks exited ${rc} (checkpoint saved, run me again): requeueing job ${SLURM_JOB_ID}"
             if scontrol requeue "$SLURM_JOB_ID"; then

@@ -16,6 +16,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from launcher import dist as launcher_dist
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -77,8 +79,10 @@ def _worker(rank: int, fn, args, world_size: int, port: int, out_dir: str, timeo
     torch.set_num_threads(1)  # N ranks share the machine's cores
     # The parent's join timeout must fire first (a clean TimeoutError), not gloo's own.
     dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=timedelta(seconds=timeout + 60))
-    try:
-        result = fn(*args)
-        torch.save(result, Path(out_dir) / f"rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
+    # An exception leaves through spawn's error file (the parent raises it with this rank's traceback).
+    result = fn(*args)
+    torch.save(result, Path(out_dir) / f"rank{rank}.pt")
+    # The same orderly end as `python -m launcher`: a gloo thread still releasing the last collective's
+    # tensors while Python finalizes aborts the rank (SIGABRT); see launcher.dist.exit_process.
+    launcher_dist.finish()
+    launcher_dist.exit_process(0)

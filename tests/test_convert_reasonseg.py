@@ -18,8 +18,8 @@ def convert(src, out, split, **kw):
     return run_conversion(converter_class("reasonseg")(args), args)
 
 
-def expected_mask(shapes, h, w) -> np.ndarray:
-    """LISA's rule, with pycocotools' polygon rasterisation: largest first, target 1, ignore 0."""
+def painted(shapes, h, w) -> np.ndarray:
+    """LISA's rule, with pycocotools' polygon rasterisation: largest first, target 1, ignore 2."""
     canvas = np.zeros((h, w), np.uint8)
     areas = []
     for s in shapes:
@@ -29,7 +29,15 @@ def expected_mask(shapes, h, w) -> np.ndarray:
         areas.append((int(m.sum()), s, m))
     for _, s, m in sorted(areas, key=lambda t: -t[0]):
         canvas[m > 0] = 2 if "ignore" in s["label"] else 1
-    return (canvas == 1).astype(np.uint8)
+    return canvas
+
+
+def expected_mask(shapes, h, w) -> np.ndarray:
+    return (painted(shapes, h, w) == 1).astype(np.uint8)
+
+
+def ignore_mask(shapes, h, w) -> np.ndarray:
+    return (painted(shapes, h, w) == 2).astype(np.uint8)
 
 
 def test_train_masks_and_instructions(tmp_path):
@@ -61,7 +69,15 @@ def test_val_uses_the_first_instruction_and_counts_bad_json(tmp_path):
     manifest = convert(src, tmp_path / "out", "val")
     assert manifest["total"] == 2 and manifest["convert"]["bad"] == {"bad_json": 1}
     for s in read_samples(tmp_path / "out").values():
-        assert len(s["json"]["masks"]) == 1
+        d = s["json"]
+        assert len(d["masks"]) == 1
+        # the ignore region travels with the sample: evaluation leaves its pixels out (LISA's label 255)
+        meta = json.loads((src / "val" / f"{d['source']['id']}.json").read_text())
+        h, w = d["image_size"]
+        want_ignore = ignore_mask(meta["shapes"], h, w)
+        assert want_ignore.any()
+        np.testing.assert_array_equal(decode_mask(d["extra"]["ignore"]), want_ignore)
+        assert not (decode_mask(d["masks"][0]["rle"]).astype(bool) & want_ignore.astype(bool)).any()
 
 
 def test_explanatory_entries_add_a_sample_whose_answer_explains(tmp_path):

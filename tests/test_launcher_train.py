@@ -121,14 +121,33 @@ def test_resumed_run_reproduces_uninterrupted_losses(shards, uninterrupted, tmp_
 def test_checkpoint_excludes_frozen_weights(uninterrupted):
     import torch
 
+    from launcher.config import load_config
+    from launcher.fake_model import build_meta
+
     ckpt = uninterrupted / "checkpoints" / f"step_{STEPS:08d}"
     files = sorted(p.name for p in ckpt.iterdir())
     assert {"COMPLETE", "rng_rank00000.json", "rng_rank00001.json", "trainable"} <= set(files)
-    states = [p for p in ckpt.glob("*model_states.pt")]
-    assert states, files
-    sd = torch.load(states[0], map_location="cpu", weights_only=False)
-    names = list(sd.get("module") or {}) + list(sd.get("param_shapes", [{}])[0] if sd.get("param_shapes") else [])
-    assert not any("pixel_encoder" in n or "vision_tower" in n for n in names), names[:20]
+    # The run's own model, on the meta device: which parameters are frozen, under which names.
+    model = build_meta(load_config(uninterrupted / "config.yaml"))
+    frozen = {n: p.numel() for n, p in model.named_parameters() if not p.requires_grad}
+    trainable = {n: p.numel() for n, p in model.named_parameters() if p.requires_grad}
+    # The frozen parts really are there under these names (else the checks below could not fail):
+    # the CLIP tower, SAM's image encoder and the LLM's base weights under LoRA.
+    for prefix in ("vision.clip.encoder.", "segmenter.sam.vision_encoder.", "llm.base_model.model.model.layers.0."):
+        assert any(n.startswith(prefix) for n in frozen), prefix
+    assert sum(frozen.values()) > sum(trainable.values())
+    states = [torch.load(p, map_location="cpu", weights_only=False) for p in sorted(ckpt.glob("*model_states.pt"))]
+    optim = [torch.load(p, map_location="cpu", weights_only=False) for p in sorted(ckpt.glob("*optim_states.pt"))]
+    assert len(states) == len(optim) == 2, files
+    # Second names of tied parameters (SAM's shared positional embedding): ZeRO-3 lists those by alias.
+    aliases = {n for n, _ in model.named_parameters(remove_duplicate=False)} - set(frozen) - set(trainable)
+    for sd in states:
+        assert set().union(*sd["param_shapes"]) == set(trainable)
+        assert set(trainable) <= set(sd["module"]) and set(sd["module"]) - set(trainable) <= aliases
+    # The weights themselves: the ranks' fp32 partitions hold the trainable numbers (ZeRO-3 pads each
+    # parameter to a multiple of the 2 ranks), none of the frozen ones.
+    saved = sum(t.numel() for o in optim for t in o["optimizer_state_dict"]["fp32_flat_groups"])
+    assert sum(trainable.values()) <= saved <= sum(trainable.values()) + len(trainable)
 
 
 def test_eval_verb_reproduces_the_final_eval_from_the_checkpoint(shards, uninterrupted):

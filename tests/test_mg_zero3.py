@@ -6,7 +6,7 @@ import pytest
 import torch
 from distributed import run_distributed
 
-pytestmark = [pytest.mark.dist]
+pytestmark = [pytest.mark.dist, pytest.mark.slow]  # 2 spawned ranks: 50-110 s a test on a loaded 2-core machine
 TIMEOUT = 180
 
 

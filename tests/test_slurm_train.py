@@ -12,7 +12,9 @@ from pathlib import Path
 import pytest
 from slurm_cluster import REPO
 
-pytestmark = [pytest.mark.slurm, pytest.mark.slow]
+from launcher.train import HOLD_ENV
+
+pytestmark = [pytest.mark.slurm, pytest.mark.dist, pytest.mark.slow]  # 2 ranks of the real trainer
 STEPS = 5
 TWO_NODES = ["--nodes=2", "--ntasks-per-node=1", "--gpus-per-node=0", "--cpus-per-task=2", "--mem=0"]
 ONE_NODE_TWO_TASKS = ["--nodes=1", "--ntasks-per-node=2", "--gpus-per-node=0", "--cpus-per-task=1", "--mem=0"]
@@ -83,13 +85,17 @@ def test_stage2_on_two_nodes_preempted_and_requeued_reproduces_the_uninterrupted
     slurm_2node.wait(ref, "COMPLETED", timeout=200)
     want = losses(run_dir_of(slurm_2node.output(ref)))
 
-    job = slurm_2node.submit(REPO / "slurm/stage2.sh", args, TWO_NODES, env={"SEGCAP_RUN_ROOT": str(tmp_path / "pre")})
-    slurm_2node.wait_output(job, rf"step 2/{STEPS}", timeout=200)
+    # The ranks hold after step 2 until the signal is there (launcher.train.HOLD_ENV): the preemption
+    # lands at step 2 however fast or loaded the machine is.
+    env = {"SEGCAP_RUN_ROOT": str(tmp_path / "pre"), HOLD_ENV: "2"}
+    job = slurm_2node.submit(REPO / "slurm/stage2.sh", args, TWO_NODES, env=env)
+    slurm_2node.wait_output(job, r"holding at step 2 until", timeout=200)
     slurm_2node.signal(job, "USR1", target="batch")  # what --signal=B:USR1@600 does before the time limit
     info = slurm_2node.wait(job, "COMPLETED", timeout=200, restarts=1)
 
     out = slurm_2node.output(job)
     assert "requeueing job" in out and "resumed from" in out and info["ExitCode"] == "0:0"
+    assert f"stopping at step 2 (signal {int(signal.SIGUSR1)})" in out
     got = losses(run_dir_of(out))
     assert sorted(got) == list(range(1, STEPS + 1))  # no step lost or repeated
     for step in want:
@@ -124,3 +130,5 @@ def test_a_killed_rank_fails_the_job_at_once_and_resubmitting_resumes(slurm_2nod
     resumed = slurm_2node.output(again).split("resumed from ", 1)[1].split(" ", 1)[0]
     assert Path(resumed).parent == run_dir / "checkpoints" and Path(resumed).name >= "step_00000002"
     assert (run_dir / "checkpoints" / "step_00000006" / "COMPLETE").is_file()
+    # The steps the killed job logged after its last checkpoint were trained again: each is logged once.
+    assert sorted(losses(run_dir)) == list(range(1, 7))

@@ -59,7 +59,8 @@ class ReasonSegConverter(Converter):
             raise BadRecord("bad_json", f"{payload}: `text` must be a non-empty list of instructions")
         photo = read_photo(self.image_path(payload))
         h, w = photo.height, photo.width
-        mask = _mask(d.get("shapes", []), h, w, payload)
+        mask, ignore = _mask(d.get("shapes", []), h, w, payload)
+        extra = {"ignore": ignore} if ignore is not None else {}
         if self.split != "train":
             texts = texts[:1]
         sentence = bool(d.get("is_sentence", False))
@@ -70,8 +71,8 @@ class ReasonSegConverter(Converter):
             masks = [rle_ann(mask, t.strip(), payload) for t in chunk]
             source = {"dataset": self.name, "id": uid, "split": self.split, "file_name": uid + ".jpg",
                       "is_sentence": sentence, "text_index": k * self.turns}
-            outs.append(Output(Sample("referring", conversation(pairs), masks, [h, w], source), photo.data,
-                               reencoded=photo.reencoded))
+            outs.append(Output(Sample("referring", conversation(pairs), masks, [h, w], source, extra=dict(extra)),
+                               photo.data, reencoded=photo.reencoded))
         e = self.explained.get(uid)
         if e and str(e.get("query", "")).strip() and str(e.get("outputs", "")).strip():
             pairs = [(f"{e['query'].strip()} {EXPLAIN}", f"{seg_answer(rng)} {e['outputs'].strip()}")]
@@ -96,8 +97,9 @@ def _read(path: Path) -> dict:
     return d
 
 
-def _mask(shapes: list, h: int, w: int, what: str) -> dict:
-    """Targets minus the ignore regions painted over them, as compressed RLE."""
+def _mask(shapes: list, h: int, w: int, what: str) -> tuple[dict, dict | None]:
+    """Targets minus the ignore regions painted over them, as compressed RLE, and the ignore region itself
+    (JSON RLE, None when there is none): evaluation leaves those pixels out, as LISA's ignore label 255 does."""
     painted = []
     for s in shapes:
         label = str(s.get("label", ""))
@@ -114,4 +116,8 @@ def _mask(shapes: list, h: int, w: int, what: str) -> dict:
         canvas[mask_utils.decode(rle) > 0] = 1 if target else 2
     if not (canvas == 1).any():
         raise BadRecord("empty_mask", f"{what}: no target pixels")
-    return mask_utils.encode(np.asfortranarray((canvas == 1).astype(np.uint8)))
+    ignore = None
+    if (canvas == 2).any():  # LISA scores with these pixels left out of intersection and union (label 255)
+        rle = mask_utils.encode(np.asfortranarray((canvas == 2).astype(np.uint8)))
+        ignore = {"size": [int(v) for v in rle["size"]], "counts": rle["counts"].decode("ascii")}
+    return mask_utils.encode(np.asfortranarray((canvas == 1).astype(np.uint8))), ignore

@@ -3,6 +3,7 @@ outlined in green, and the question/answer below (written as PNGs and logged to 
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -34,9 +35,16 @@ def save_overlays(overlays: list[Overlay], folder: Path, tracker, key_prefix: st
     val sample across evals, so the UI's step slider shows it improving."""
     folder.mkdir(parents=True, exist_ok=True)
     for j, ov in enumerate(overlays):
-        path = folder / f"{j:02d}_{ov.task}.png"
-        draw_overlay(ov).save(path)
-        tracker.log_image(path, key=f"{key_prefix}/{j:02d}_{ov.task}", step=step)
+        name = f"{j:02d}_{safe_name(ov.task)}"  # the task comes from the shard
+        draw_overlay(ov).save(folder / f"{name}.png")
+        tracker.log_image(folder / f"{name}.png", key=f"{key_prefix}/{name}", step=step)
+
+
+def safe_name(text: str, max_len: int = 64) -> str:
+    """A file name from data (a shard's task or key): letters, digits, '.', '-', '_' only, never a path
+    or a dot file, so nothing read from a shard can write outside the run dir."""
+    name = re.sub(r"[^A-Za-z0-9._-]", "_", str(text))[:max_len].lstrip(".")
+    return name or "_"
 
 
 def _wrap(text: str, width: int, max_lines: int = 6) -> str:

@@ -106,8 +106,10 @@ def evaluate_export(folder: Path, benches: list[B.Benchmark], args) -> int:
         dist.init(info)
     model, tokenizer, _ = load_export(folder, device=info.device)
     data = DataConfig(eval_batch_size=args.batch_size, max_length=args.max_length)
+    # the tracker's journal goes beside the report (or in the working directory), never into the export
+    journal_dir = Path(args.report).resolve().parent / "eval_mlflow" if args.report else Path("eval_mlflow")
     tracker = Tracker(TrackingConfig(enabled=bool(os.environ.get("MLFLOW_TRACKING_URI")), experiment="segcap-eval"),
-                      folder, active=info.is_main)
+                      journal_dir, active=info.is_main)
     tracker.start(None, {"model": str(folder)}, {**run_tags(info.world_size), "kind": "benchmark_eval"})
     _run_benches(model, tokenizer, data, EvalConfig(max_new_tokens=args.max_new_tokens), benches, args, info, False, tracker, 0)
     return 0
@@ -156,7 +158,7 @@ def _run_benches(model, tokenizer, data_cfg, eval_cfg, benches, args, info, sync
     digest = hashlib.sha1(json.dumps(report, sort_keys=True).encode()).hexdigest()
     print(f"[segcap] eval rank {info.rank}: report sha1 {digest}", flush=True)  # equal on every rank
     tracker.finish()  # FINISHED if this verb started the run; an attached run is only flushed
-    dist.barrier()
+    dist.finish()
 
 
 def _manifest_total(folder: Path) -> int:
@@ -224,5 +226,5 @@ def evaluate_checkpoint(cfg: RunConfig) -> int:
     evaluator = Evaluator(cfg, tokenizer, info, run_dir, tracker, num_image_tokens=model.num_image_tokens)
     evaluator.run(engine.module, step=state["step"], prefix="eval")
     tracker.finish()  # FINISHED if this verb started the run; an attached run is only flushed
-    dist.barrier()
+    dist.finish()
     return 0
