@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 
 from launcher.dist import DistInfo, barrier
 
@@ -111,8 +112,8 @@ def save(engine, ckpt_dir: Path, step: int, client_state: dict, info: DistInfo, 
         )
         _rng_file(path, info.rank).write_text(json.dumps(rng_state()))
         save_trainable(engine, path / TRAINABLE, client_state, info)
-    except (OSError, RuntimeError) as e:  # disk full, quota, I/O error; torch.save reports ENOSPC as
-        free = shutil.disk_usage(ckpt_dir).free  # "enforce fail ... unexpected pos", hence the free space
+    except (OSError, RuntimeError, SafetensorError) as e:  # disk full, quota, I/O error; torch.save reports
+        free = shutil.disk_usage(ckpt_dir).free  # ENOSPC as "enforce fail ... unexpected pos": say the free space
         full = ": the disk is full" if free < 2**20 else ""
         raise SaveError(f"checkpoint save of step {step} to {path} failed on rank {info.rank}: {e} ({free} bytes "
                         f"free there{full}). It is not marked {MARKER} and will not be resumed from; the previous "

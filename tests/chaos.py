@@ -1,5 +1,5 @@
 """Fault-injection campaign on real 2-rank ZeRO-3 tiny runs (gloo, DeepSpeed, MLflow on SQLite):
-`python -m tests.chaos --trials 5 --seed 0 [--faults kill,signal,disk,tamper] [--out figures.json]`.
+`python -m tests.chaos --trials 5 --seed 0 [--faults kill,signal,disk,tamper] [--work DIR] [--out FILE.json]`.
 
 Each trial injects one fault at a seeded random point (tests/chaos_rank.py arms it inside a rank),
 resubmits the run until it finishes, and compares it with one uninterrupted run: losses at every
@@ -337,6 +337,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m tests.chaos", description=__doc__.splitlines()[0])
     p.add_argument("--trials", type=int, default=4, help="trials per fault")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--start", type=int, default=0, help="first trial index (to continue a campaign in --work)")
     p.add_argument("--faults", default=",".join(FAULTS))
     p.add_argument("--work", default=None, help="folder for the runs (default: a new temporary one)")
     p.add_argument("--out", default=None, help="write every trial and the table as JSON here")
@@ -346,7 +347,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.time()
     campaign = Campaign(work, args.seed)
     trials = []
-    for i in range(args.trials):
+    for i in range(args.start, args.start + args.trials):
         for fault in args.faults.split(","):
             t = campaign.trial(fault, i)
             trials.append(t)

@@ -31,18 +31,23 @@ def _overrides(shards: Path, run_dir: Path) -> list[str]:
     ]
 
 
-def _train_and_reference(overrides: list[str]) -> dict:
-    """Train, then rebuild the run's engine from its checkpoint (as `launcher eval` does) and record
-    what the training model gives on the first val batch: LLM logits, mask logits, predict()."""
+def _train(overrides: list[str]) -> int:
+    from launcher.config import load_config
+    from launcher.train import train
+
+    return train(load_config("configs/train/tiny.yaml", overrides))  # leaves the process group at its end
+
+
+def _reference(overrides: list[str]) -> dict:
+    """Rebuild the run's engine from its checkpoint (as `launcher eval` does) and record what the
+    training model gives on the first val batch: LLM logits, mask logits, predict()."""
     from datapipes.loader import build_eval_loader
     from launcher import checkpoint
     from launcher.config import load_config
     from launcher.dist import identity
     from launcher.engine import build_run, render_ds_config
-    from launcher.train import train
 
     cfg = load_config("configs/train/tiny.yaml", overrides)
-    assert train(cfg) == 0
     info = identity()
     tokenizer, model, engine = build_run(cfg, render_ds_config(cfg, info))
     checkpoint.load(engine, checkpoint.latest_complete(Path(cfg.train.output_dir) / "checkpoints"), info)
@@ -72,7 +77,9 @@ def trained(tmp_path_factory):
     root = tmp_path_factory.mktemp("export")
     write_synthetic(SyntheticConfig(out_dir=str(root / "shards"), num_train=48, num_val=8, samples_per_shard=24))
     run_dir = root / "run"
-    (ref,) = run_distributed(_train_and_reference, 1, args=(_overrides(root / "shards", run_dir),), timeout=400, workdir=root / "dist")
+    args = (_overrides(root / "shards", run_dir),)
+    assert run_distributed(_train, 1, args=args, timeout=400, workdir=root / "train") == [0]
+    (ref,) = run_distributed(_reference, 1, args=args, timeout=400, workdir=root / "reference")
     return root, run_dir, ref
 
 
