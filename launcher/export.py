@@ -77,7 +77,8 @@ def export(run_dir: Path, out: Path, step: int | None = None, lora_only: bool = 
     mcfg["init_from"] = []  # every weight is in the folder now
     marker = json.loads((ckpt / checkpoint.MARKER).read_text())
     meta = {"run": str(run_dir.resolve()), "step": marker["step"], "lora": "adapter" if lora and lora_only else "merged" if lora else "none",
-            "max_length": cfg.data.max_length}
+            "max_length": cfg.data.max_length,
+            "clip_frame": cfg.data.clip_frame}  # the CLIP preprocessing the run trained with (LLaVA's "pad")
     (out / CONFIG_FILE).write_text(yaml.safe_dump({"model": mcfg, "export": meta}, sort_keys=False))
     return out
 

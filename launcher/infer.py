@@ -106,7 +106,8 @@ class Predictor:
 
         image = image.convert("RGB")
         sam, frame_hw = sam_frame(image, self.sam_size)
-        clip, sam = normalize_pixels(clip_frame(image, self.clip_size)[None].to(self.device), sam[None].to(self.device),
+        pad = self.meta.get("clip_frame", "squash") == "pad"  # as the run was trained (exports before: squash)
+        clip, sam = normalize_pixels(clip_frame(image, self.clip_size, pad=pad)[None].to(self.device), sam[None].to(self.device),
                                      torch.tensor([frame_hw], device=self.device))
         ids = prompt_ids(prompt, self.tokenizer, self.image_id, self.model.num_image_tokens)
         (pred,) = self.model.predict([ids], clip, sam, self.max_new_tokens)

@@ -265,3 +265,27 @@ def test_segcap_labeller_names_each_region_with_the_exported_models_answer(merge
     assert sorted(label for (label,) in cached) == sorted(expected)  # one answer per mask, the model's own
     # a tiny model may name nothing: then the image is skipped as no_label and the run says every record was bad
     assert rc == (0 if any(expected) else 2)
+
+
+def test_infer_prepares_clip_input_as_the_run_trained_squash_or_llava_pad(merged):
+    """The export records the run's data.clip_frame; infer feeds CLIP the same frame (LLaVA-started runs: pad)."""
+    from PIL import Image
+
+    from datapipes.collate import clip_frame, normalize_pixels, sam_frame
+    from launcher.infer import Predictor
+
+    predictor = Predictor(merged, "cpu", "auto", max_new_tokens=1)
+    assert predictor.meta["clip_frame"] == "squash"  # the tiny run's default
+    image = Image.fromarray((np.random.default_rng(0).random((20, 44, 3)) * 255).astype(np.uint8))
+    seen = []
+    hook = predictor.model.vision.register_forward_pre_hook(lambda _m, args: seen.append(args[0].clone()))
+    for mode in ("squash", "pad"):
+        predictor.meta["clip_frame"] = mode
+        predictor(image, "What is this?")
+    hook.remove()
+    size, sam_size = predictor.clip_size, predictor.sam_size
+    sam, hw = sam_frame(image, sam_size)
+    for got, pad in zip(seen, (False, True)):
+        want, _ = normalize_pixels(clip_frame(image, size, pad=pad)[None], sam[None], torch.tensor([hw]))
+        assert torch.allclose(got, want.to(got.dtype))
+    assert not torch.allclose(seen[0], seen[1])  # the two preprocessings differ on a non-square photo
