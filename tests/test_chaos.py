@@ -19,6 +19,7 @@ def campaign(tmp_path_factory):
     return Campaign(tmp_path_factory.mktemp("chaos"), seed=int(os.environ.get("SEGCAP_CHAOS_SEED", "0")))
 
 
+@pytest.mark.timeout(600 + 600 * TRIALS)  # 2-3 runs per trial, each minutes on a loaded 2-core machine
 @pytest.mark.parametrize("fault", FAULTS)
 def test_fault_is_survived_with_equal_losses(campaign, fault):
     if fault == "disk" and os.geteuid() != 0:
