@@ -5,7 +5,6 @@ the test run; an exception on any rank fails the call with that rank's traceback
 from __future__ import annotations
 
 import os
-import socket
 import tempfile
 import time
 from datetime import timedelta
@@ -17,12 +16,6 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from launcher import dist as launcher_dist
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run_distributed(
@@ -42,7 +35,7 @@ def run_distributed(
     os.environ.setdefault("DS_ACCELERATOR", "cpu")  # children inherit it before they import deepspeed
     out_dir = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="dist_"))
     out_dir.mkdir(parents=True, exist_ok=True)
-    port = free_port()
+    port = launcher_dist.free_port()
     ctx = mp.start_processes(
         _worker,
         args=(fn, args, world_size, port, str(out_dir), timeout, env or {}),

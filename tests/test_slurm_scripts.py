@@ -284,6 +284,9 @@ def test_run_dir_is_the_config_name_plus_a_hash_of_the_overrides(tmp_path):
 
 # Overrides a user might pass to sbatch that a shell would split, expand or run: each must reach the
 # trainer as one argument, byte for byte.
+PRINT_ARGV = "import json, sys\nprint('argv ' + json.dumps(sys.argv[1:]))\n"  # read back by argv_lines
+
+
 def hostile_overrides(marker: Path) -> list[str]:
     return [
         "data.note=two  words",
@@ -329,7 +332,7 @@ def fake_slurm(tmp_path: Path, max_batch_requeue: int = 5) -> dict:
 def test_sbatch_arguments_reach_the_trainer_as_data_not_shell(tmp_path):
     """stage2.sh end to end on this machine (fake_slurm): the arguments after the script pass the batch
     shell, segcap_launcher and the task's `bash -c` unchanged."""
-    py = python_wrapper(tmp_path, scaffold(tmp_path, "argv.py", "import json, sys\nprint('argv ' + json.dumps(sys.argv[1:]))\n"))
+    py = python_wrapper(tmp_path, scaffold(tmp_path, "argv.py", PRINT_ARGV))
     marker = tmp_path / "pwned"
     args = hostile_overrides(marker)
     work = tmp_path / "cwd"  # a folder with files, where an unquoted * would expand
@@ -350,7 +353,7 @@ def test_sbatch_arguments_reach_the_trainer_as_data_not_shell(tmp_path):
 @pytest.mark.slurm
 @pytest.mark.timeout(90)
 def test_sbatch_arguments_reach_the_ranks_as_data_on_the_cluster(slurm_1node, tmp_path):
-    py = python_wrapper(tmp_path, scaffold(tmp_path, "argv.py", "import json, sys\nprint('argv ' + json.dumps(sys.argv[1:]))\n"))
+    py = python_wrapper(tmp_path, scaffold(tmp_path, "argv.py", PRINT_ARGV))
     marker = tmp_path / "pwned"
     args = hostile_overrides(marker)
     job = slurm_1node.submit(

@@ -36,8 +36,9 @@ def save_overlays(overlays: list[Overlay], folder: Path, tracker, key_prefix: st
     folder.mkdir(parents=True, exist_ok=True)
     for j, ov in enumerate(overlays):
         name = f"{j:02d}_{safe_name(ov.task)}"  # the task comes from the shard
-        draw_overlay(ov).save(folder / f"{name}.png")
-        tracker.log_image(folder / f"{name}.png", key=f"{key_prefix}/{name}", step=step)
+        path = folder / f"{name}.png"
+        draw_overlay(ov).save(path)
+        tracker.log_image(path, key=f"{key_prefix}/{name}", step=step)
 
 
 def safe_name(text: str, max_len: int = 64) -> str:
