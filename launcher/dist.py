@@ -10,7 +10,9 @@ import atexit
 import os
 import socket
 import sys
+import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import NoReturn
 
 import torch
@@ -31,7 +33,9 @@ class DistInfo:
 
     @property
     def device(self) -> torch.device:
-        return torch.device("cuda", self.local_rank) if self.backend == "nccl" else torch.device("cpu")
+        if self.backend != "nccl":
+            return torch.device("cpu")
+        return torch.device("cuda", self.local_rank % torch.cuda.device_count())  # see init()
 
 
 def identity(env: dict | None = None) -> DistInfo:
@@ -61,11 +65,39 @@ def init(info: DistInfo) -> None:
             raise RuntimeError("MASTER_PORT is not set: launch with torchrun or export MASTER_ADDR/MASTER_PORT")
         os.environ["MASTER_PORT"] = str(free_port())
     if info.backend == "nccl":
-        torch.cuda.set_device(info.local_rank)
+        # Slurm may bind one GPU per task (CUDA_VISIBLE_DEVICES holds one id): local rank 3 then sees device 0.
+        torch.cuda.set_device(info.local_rank % torch.cuda.device_count())
+    warn_stale_extension_locks()
     if not torch_dist.is_initialized():
         import deepspeed  # imported late: it reads DS_ACCELERATOR at import time
 
         deepspeed.init_distributed(dist_backend=info.backend, auto_mpi_discovery=False)
+
+
+STALE_LOCK_S = 600  # no op build here takes 10 minutes; a lock that old was left by a killed build
+
+
+def extensions_dir(env: dict | None = None) -> Path:
+    """Where torch's cpp_extension builds DeepSpeed's JIT ops (TORCH_EXTENSIONS_DIR, else its default)."""
+    env = os.environ if env is None else env
+    return Path(env.get("TORCH_EXTENSIONS_DIR") or Path.home() / ".cache" / "torch_extensions")
+
+
+def warn_stale_extension_locks(env: dict | None = None, now: float | None = None) -> list[Path]:
+    """Name every op-build lock older than STALE_LOCK_S, once, on stderr.
+
+    torch's FileBaton waits for such a lock forever and says nothing: a process killed mid-build
+    leaves one, and every later process that needs the op (deepspeed_shm_comm on CPU, FusedAdam on
+    GPU) hangs silently. A per-job TORCH_EXTENSIONS_DIR (slurm/common.sh) avoids sharing one.
+    """
+    root = extensions_dir(env)
+    now = time.time() if now is None else now
+    stale = sorted(p for p in root.glob("*/*/lock") if now - p.stat().st_mtime > STALE_LOCK_S) if root.is_dir() else []
+    for lock in stale:
+        age = (now - lock.stat().st_mtime) / 60
+        print(f"[segcap] WARNING: op-build lock {lock} is {age:.0f} min old: a killed build left it and the "
+              f"next DeepSpeed op build will wait on it forever; delete it if no build is running", file=sys.stderr)
+    return stale
 
 
 _joined = False  # this process was in a process group: its gloo/NCCL threads live until the process ends

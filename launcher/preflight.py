@@ -173,7 +173,8 @@ def _lengths(cfg: RunConfig, what: str, urls: list[str], tokenizer, stats: dict)
 
 
 def _checkpoint(cfg: RunConfig, world_size: int) -> list[Finding]:
-    """The checkpoint `train` would resume from (train.output_dir, train.resume): its world size must match."""
+    """The checkpoint `train` would resume from (train.output_dir, train.resume). Another world size loads
+    (checkpoint.load takes its consolidated trainable state), so it is a warning, not an error."""
     from launcher.checkpoint import MARKER, latest_complete
 
     if not cfg.train.resume:
@@ -187,8 +188,8 @@ def _checkpoint(cfg: RunConfig, world_size: int) -> list[Finding]:
         return [Finding("error", "train.output_dir", f"{latest / MARKER} is unreadable: {e}")]
     if written_by != world_size:
         return [Finding(
-            "error", "train.output_dir",
-            f"would resume from {latest}, written by {written_by} ranks, on {world_size}: loading it fails; "
-            f"plan for --gpus {written_by}, or start a new train.output_dir",
+            "warning", "train.output_dir",
+            f"would resume from {latest}, written by {written_by} ranks, on {world_size}: it loads from its "
+            f"consolidated trainable state (trainable/); ranks that did not exist then start a fresh RNG",
         )]
     return []

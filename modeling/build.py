@@ -43,8 +43,21 @@ def build_model(cfg: ModelConfig, tokenizer, dschf=None) -> SegCapModel:
         torch.manual_seed(cfg.init_seed + 4)
         model = SegCapModel(cfg, llm, vision, segmenter, tokenizer, token_ids)
     _set_trainable(model, cfg)
+    _check_one_trainable_dtype(model)
     load_init_from(model, cfg)  # after _set_trainable: a segcap run's checkpoint holds trainable weights only
     return model
+
+
+def _check_one_trainable_dtype(model: SegCapModel) -> None:
+    """DeepSpeed flattens the trainables into one buffer per group (ZeRO-3: zero/utils.py defragment
+    asserts one dtype); a part built in another dtype would fail there, far from its cause."""
+    by_dtype: dict[torch.dtype, list[str]] = {}
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            by_dtype.setdefault(p.dtype, []).append(name)
+    if len(by_dtype) > 1:
+        parts = "; ".join(f"{dt}: {len(names)} tensors, e.g. {names[0]}" for dt, names in by_dtype.items())
+        raise TypeError(f"trainable parameters hold {len(by_dtype)} dtypes ({parts}); all must share model.dtype")
 
 
 def _set_trainable(model: SegCapModel, cfg: ModelConfig) -> None:

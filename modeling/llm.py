@@ -5,6 +5,7 @@ transformers `HfDeepSpeedConfig` alive while this runs (the model is then partit
 from __future__ import annotations
 
 import importlib.util
+import logging
 
 import deepspeed
 import torch
@@ -13,6 +14,8 @@ from torch import nn
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from modeling.config import LLMConfig, LoRAConfig
+
+logger = logging.getLogger(__name__)
 
 # Same literals as datapipes/schema.py (modeling does not import datapipes; a test checks they agree).
 IMAGE_TOKEN = "<image>"
@@ -23,11 +26,21 @@ SPECIAL_TOKENS = (IMAGE_TOKEN, SEG_TOKEN, P_START, P_END)
 
 
 def attn_implementation(requested: str) -> str:
+    """auto: flash-attention 2 on CUDA when its extension imports, else SDPA.
+
+    `find_spec` alone is not enough: a flash_attn package whose CUDA extension was built for another
+    torch is found but fails on import, and the first forward would die. Importing it tells.
+    """
     if requested != "auto":
         return requested
-    if torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None:
-        return "flash_attention_2"
-    return "sdpa"
+    if not torch.cuda.is_available() or importlib.util.find_spec("flash_attn") is None:
+        return "sdpa"
+    try:
+        importlib.import_module("flash_attn")
+    except Exception as e:  # an ImportError or an undefined-symbol OSError from a mismatched build
+        logger.warning("flash_attn is installed but does not load (%s: %s); using SDPA", type(e).__name__, e)
+        return "sdpa"
+    return "flash_attention_2"
 
 
 def load_llm(cfg: LLMConfig, tokenizer, dtype: torch.dtype) -> LlamaForCausalLM:
@@ -192,4 +205,12 @@ def apply_lora(model: LlamaForCausalLM, cfg: LoRAConfig):
         bias="none",
         task_type="CAUSAL_LM",
     )
-    return get_peft_model(model, lora)
+    # peft makes adapters in fp32 (autocast_adapter_dtype, and under zero.Init it cannot read the base
+    # weight's dtype); DeepSpeed does not cast a zero.Init model back, and its flat partitions need one
+    # dtype for all trainables (zero/utils.py defragment). The adapters are plain tensors: cast them here.
+    peft_model = get_peft_model(model, lora, autocast_adapter_dtype=False)
+    dtype = model.get_input_embeddings().base.weight.dtype
+    for name, p in peft_model.named_parameters():
+        if "lora_" in name and p.dtype != dtype:
+            p.data = p.data.to(dtype)
+    return peft_model

@@ -20,6 +20,12 @@ segcap_setup() {
     mapfile -t hosts < <(scontrol show hostnames "$SLURM_JOB_NODELIST")
     export MASTER_ADDR="${MASTER_ADDR:-${hosts[0]}}"
     export MASTER_PORT="${MASTER_PORT:-$((20000 + SLURM_JOB_ID % 20000))}"
+    # Per-job op-build and Triton caches on node-local disk: a build killed by preemption leaves a lock
+    # that would hang, silently, every later job sharing the directory (docs/LEARNED.md). Set either
+    # variable to reuse a prebuilt cache on purpose.
+    local cache="${TMPDIR:-/tmp}/segcap-${SLURM_JOB_ID}"
+    export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-$cache/torch_extensions}"
+    export TRITON_CACHE_DIR="${TRITON_CACHE_DIR:-$cache/triton}"
     # GPUs on this node: Slurm's count when GPUs were requested as GRES, else what the driver shows.
     local gpus="${SLURM_GPUS_ON_NODE:-}"
     if [[ -z "$gpus" ]]; then

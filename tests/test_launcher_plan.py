@@ -119,15 +119,18 @@ def test_preflight_names_a_missing_init_from_source(roots):
     assert list(errors) == ["model.init_from[1].path"] and "stage1 does not exist" in errors["model.init_from[1].path"]
 
 
-def test_preflight_catches_a_resume_checkpoint_of_another_world_size(roots):
+def test_preflight_says_a_resume_at_another_world_size_loads_the_consolidated_state(roots):
     from launcher.checkpoint import MARKER, tag_for
 
     cfg = load_config("configs/train/demo.yaml", [f"train.output_dir={roots / 'run'}"])
     ckpt = roots / "run" / "checkpoints" / tag_for(3)
     ckpt.mkdir(parents=True)
     (ckpt / MARKER).write_text(json.dumps({"step": 3, "world_size": 2}))
-    assert "written by 2 ranks, on 4" in by_level(preflight(cfg, world_size=4), "error")["train.output_dir"]
-    assert "train.output_dir" not in by_level(preflight(cfg, world_size=2), "error")
+    found = preflight(cfg, world_size=4)
+    assert "train.output_dir" not in by_level(found, "error")
+    note = by_level(found, "warning")["train.output_dir"]
+    assert "written by 2 ranks, on 4" in note and "consolidated trainable state" in note
+    assert "train.output_dir" not in by_level(preflight(cfg, world_size=2), "warning")
 
 
 # ------------------------------------------------------------------------------------- model states
